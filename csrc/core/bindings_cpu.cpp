@@ -1,0 +1,8 @@
+// Python binding of the core op family, CPU build.
+#include "tempo/core_ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("set_poison", [](bool on) { tempo::poison_outputs() = on; }, "Fill fresh outputs with NaN (tests)");
+    m.def("gelu_fwd", &tempo::cpu::gelu_fwd, "In-place GELU forward: (y, packed branch bits)");
+    m.def("gelu_bwd", &tempo::cpu::gelu_bwd, "In-place GELU backward from (dy, y, bits)");
+}

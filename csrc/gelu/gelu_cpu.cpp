@@ -1,0 +1,82 @@
+// In-place GELU on CPU: the same per-element math as gelu_cuda.cu (tempo/gelu.h), OpenMP loops
+// through at::parallel_for. One work item is one byte of branch bits = 8 elements.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "tempo/core_ops.h"
+#include "tempo/gelu.h"
+
+namespace tempo {
+namespace cpu {
+namespace {
+
+template <typename Form, typename scalar_t>
+void gelu_fwd_kernel(const scalar_t* x, scalar_t* y, uint8_t* bits, int64_t n) {
+    using acc_t = typename compute_type<scalar_t>::type;
+    const int64_t n_bytes = (n + 7) / 8;
+    at::parallel_for(0, n_bytes, 2048, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+            uint8_t packed = 0;
+            const int64_t base = b * 8;
+            for (int k = 0; k < 8 && base + k < n; ++k) {
+                const acc_t v = static_cast<acc_t>(x[base + k]);
+                y[base + k] = static_cast<scalar_t>(Form::value(v));
+                packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
+            }
+            bits[b] = packed;
+        }
+    });
+}
+
+template <typename Form, typename scalar_t>
+void gelu_bwd_kernel(const scalar_t* dy, const scalar_t* y, const uint8_t* bits, scalar_t* dx,
+                     int64_t n) {
+    using acc_t = typename compute_type<scalar_t>::type;
+    const int64_t n_bytes = (n + 7) / 8;
+    at::parallel_for(0, n_bytes, 512, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+            const uint8_t packed = bits[b];
+            const int64_t base = b * 8;
+            for (int k = 0; k < 8 && base + k < n; ++k) {
+                const bool left = (packed >> k) & 1;
+                const acc_t d = gelu_derivative_from_output<Form>(static_cast<acc_t>(y[base + k]), left);
+                dx[base + k] = static_cast<scalar_t>(static_cast<acc_t>(dy[base + k]) * d);
+            }
+        }
+    });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
+    TORCH_CHECK(x.is_contiguous(), "gelu_fwd: x must be contiguous");
+    auto y = empty_output(x);
+    auto bits = at::empty({(x.numel() + 7) / 8}, x.options().dtype(at::kByte));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
+        if (tanh_form)
+            gelu_fwd_kernel<GeluTanh>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                      bits.data_ptr<uint8_t>(), x.numel());
+        else
+            gelu_fwd_kernel<GeluErf>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                     bits.data_ptr<uint8_t>(), x.numel());
+    });
+    return {y, bits};
+}
+
+at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {
+    TORCH_CHECK(dy.is_contiguous() && y.is_contiguous() && bits.is_contiguous(),
+                "gelu_bwd: inputs must be contiguous");
+    auto dx = empty_output(y);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gelu_bwd", [&] {
+        if (tanh_form)
+            gelu_bwd_kernel<GeluTanh>(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                      bits.data_ptr<uint8_t>(), dx.data_ptr<scalar_t>(), y.numel());
+        else
+            gelu_bwd_kernel<GeluErf>(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                     bits.data_ptr<uint8_t>(), dx.data_ptr<scalar_t>(), y.numel());
+    });
+    return dx;
+}
+
+}  // namespace cpu
+}  // namespace tempo

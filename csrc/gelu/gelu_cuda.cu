@@ -1,0 +1,161 @@
+// In-place GELU on CUDA.
+//
+// Bytes kept for backward per element: stock GELU keeps x (sizeof(T)); this keeps 1/8 (one branch
+// bit), because the output y it also needs is kept by the next linear layer anyway.
+// One thread owns one byte of branch bits, i.e. 8 consecutive elements, so the bits are written
+// without atomics. Offsets are int64: tensors over 2^31 elements are supported.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "tempo/core_ops.h"
+#include "tempo/gelu.h"
+
+namespace tempo {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+struct alignas(sizeof(scalar_t) * 8) Pack8 {
+    scalar_t v[8];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ bool pack_aligned(const scalar_t* p) {
+    return (reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<scalar_t>)) == 0;
+}
+
+template <typename Form, typename scalar_t>
+__global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
+                                scalar_t* __restrict__ y,        // [n]
+                                uint8_t* __restrict__ bits,      // [ceil(n/8)]
+                                int64_t n) {
+    using acc_t = typename compute_type<scalar_t>::type;
+    const int64_t n_bytes = (n + 7) / 8;
+    const bool aligned = pack_aligned(x) && pack_aligned(y);
+    for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_bytes;
+         b += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t base = b * 8;
+        Pack8<scalar_t> in, out;
+        const bool full = aligned && base + 8 <= n;
+        if (full) {
+            in = *reinterpret_cast<const Pack8<scalar_t>*>(x + base);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) in.v[k] = base + k < n ? x[base + k] : scalar_t(0);
+        }
+        uint8_t packed = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const acc_t v = static_cast<acc_t>(in.v[k]);
+            out.v[k] = static_cast<scalar_t>(Form::value(v));
+            packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
+        }
+        if (full) {
+            *reinterpret_cast<Pack8<scalar_t>*>(y + base) = out;
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (base + k < n) y[base + k] = out.v[k];
+        }
+        bits[b] = packed;
+    }
+}
+
+template <typename Form, typename scalar_t>
+__global__ void gelu_bwd_kernel(const scalar_t* __restrict__ dy,   // [n]
+                                const scalar_t* __restrict__ y,    // [n]
+                                const uint8_t* __restrict__ bits,  // [ceil(n/8)]
+                                scalar_t* __restrict__ dx,         // [n]
+                                int64_t n) {
+    using acc_t = typename compute_type<scalar_t>::type;
+    const int64_t n_bytes = (n + 7) / 8;
+    const bool aligned = pack_aligned(dy) && pack_aligned(y) && pack_aligned(dx);
+    for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_bytes;
+         b += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t base = b * 8;
+        const bool full = aligned && base + 8 <= n;
+        Pack8<scalar_t> g, out, yy;
+        if (full) {
+            g = *reinterpret_cast<const Pack8<scalar_t>*>(dy + base);
+            yy = *reinterpret_cast<const Pack8<scalar_t>*>(y + base);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                g.v[k] = base + k < n ? dy[base + k] : scalar_t(0);
+                yy.v[k] = base + k < n ? y[base + k] : scalar_t(0);
+            }
+        }
+        const uint8_t packed = bits[b];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const acc_t d = gelu_derivative_from_output<Form>(static_cast<acc_t>(yy.v[k]), (packed >> k) & 1);
+            out.v[k] = static_cast<scalar_t>(static_cast<acc_t>(g.v[k]) * d);
+        }
+        if (full) {
+            *reinterpret_cast<Pack8<scalar_t>*>(dx + base) = out;
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k)
+                if (base + k < n) dx[base + k] = out.v[k];
+        }
+    }
+}
+
+unsigned grid_for(int64_t n_bytes) {
+    const int64_t max_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+    const int64_t blocks = (n_bytes + kThreads - 1) / kThreads;
+    return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, max_blocks)));
+}
+
+}  // namespace
+
+std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
+    TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "gelu_fwd: x must be a contiguous CUDA tensor");
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto y = empty_output(x);
+    const int64_t n = x.numel();
+    auto bits = at::empty({(n + 7) / 8}, x.options().dtype(at::kByte));
+    if (n == 0) return {y, bits};
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
+        const unsigned grid = grid_for(bits.numel());
+        if (tanh_form)
+            gelu_fwd_kernel<GeluTanh><<<grid, kThreads, 0, stream>>>(
+                x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
+        else
+            gelu_fwd_kernel<GeluErf><<<grid, kThreads, 0, stream>>>(
+                x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {y, bits};
+}
+
+at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {
+    TORCH_CHECK(dy.is_cuda() && y.is_cuda() && bits.is_cuda(), "gelu_bwd: inputs must be CUDA tensors");
+    TORCH_CHECK(dy.is_contiguous() && y.is_contiguous() && bits.is_contiguous(),
+                "gelu_bwd: inputs must be contiguous");
+    const c10::cuda::CUDAGuard guard(y.device());
+    auto dx = empty_output(y);
+    const int64_t n = y.numel();
+    if (n == 0) return dx;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gelu_bwd", [&] {
+        const unsigned grid = grid_for(bits.numel());
+        if (tanh_form)
+            gelu_bwd_kernel<GeluTanh><<<grid, kThreads, 0, stream>>>(
+                dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
+                dx.data_ptr<scalar_t>(), n);
+        else
+            gelu_bwd_kernel<GeluErf><<<grid, kThreads, 0, stream>>>(
+                dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
+                dx.data_ptr<scalar_t>(), n);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return dx;
+}
+
+}  // namespace cuda
+}  // namespace tempo

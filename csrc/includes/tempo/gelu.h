@@ -1,0 +1,126 @@
+// In-place GELU math, shared by gelu_cpu.cpp and gelu_cuda.cu.
+//
+// Stock GELU keeps its input x (n elements) for backward. Tempo keeps its output y, which the next
+// linear layer keeps anyway, plus one branch bit per element (n/8 bytes): for y in (y_min, 0) there
+// are two x with GELU(x) = y, and the bit says whether x lies left of the minimum x*.
+// The derivative is exact: x is recovered from (y, bit) by Newton's method, then GELU'(x) is
+// evaluated in closed form. No polynomial fit.
+//
+// Newton runs in coordinates in which the equation is well conditioned:
+//   near the minimum and on the right branch: s(x) = sqrt(GELU(x) - y_min), which is close to
+//   linear in x around x* (GELU'(x*) = 0 makes the plain equation singular there);
+//   on the far left tail (y close to 0 from below): log(-GELU(x)), close to quadratic in x.
+#pragma once
+
+#include "tempo/common.h"
+
+namespace tempo {
+
+// GELU(x) = x * Phi(x), written with erfc so that the left tail keeps its relative precision.
+struct GeluErf {
+    // argmin, min and second derivative at the minimum (computed in float64, see docs/gelu.md)
+    static constexpr double x_star = -0.75179152469356436;
+    static constexpr double y_min = -0.16997120747990369;
+    static constexpr double curvature = 0.43149399232833563;
+
+    template <typename T>
+    static TEMPO_HD T value(T x) {
+        return x * T(0.5) * t_erfc(-x * T(0.70710678118654752440));
+    }
+    template <typename T>
+    static TEMPO_HD T derivative(T x) {
+        const T cdf = T(0.5) * t_erfc(-x * T(0.70710678118654752440));
+        const T pdf = T(0.39894228040143267794) * t_exp(T(-0.5) * x * x);
+        return cdf + x * pdf;
+    }
+    // Start for the left tail: x ~ -sqrt(-2 log(-y) - log(2 pi)) since GELU(x) ~ -pdf(x) there.
+    template <typename T>
+    static TEMPO_HD T tail_start(T log_neg_y) {
+        return -t_sqrt(t_fmax(T(-2) * log_neg_y - T(1.83787706640934548356), T(0)));
+    }
+};
+
+// tanh form used by GPT-2 and Megatron's openai_gelu:
+// 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+// The sigmoid form avoids the cancellation 1 + tanh(u) for u << 0.
+struct GeluTanh {
+    static constexpr double x_star = -0.75246142207101630;
+    static constexpr double y_min = -0.17004075057125403;
+    static constexpr double curvature = 0.43040009102485854;
+
+    template <typename T>
+    static TEMPO_HD T sigmoid_2u(T x) {
+        const T u = T(0.79788456080286535588) * (x + T(0.044715) * x * x * x);
+        return T(1) / (T(1) + t_exp(T(-2) * u));
+    }
+    template <typename T>
+    static TEMPO_HD T value(T x) {
+        return x * sigmoid_2u(x);
+    }
+    template <typename T>
+    static TEMPO_HD T derivative(T x) {
+        const T s = sigmoid_2u(x);
+        const T du = T(0.79788456080286535588) * (T(1) + T(3 * 0.044715) * x * x);
+        return s + x * s * (T(1) - s) * T(2) * du;
+    }
+    // Left tail: log(-y) ~ log(-x) + 2u ~ 2 sqrt(2/pi) 0.044715 x^3 for large -x.
+    template <typename T>
+    static TEMPO_HD T tail_start(T log_neg_y) {
+        const T cube = log_neg_y / T(2 * 0.79788456080286535588 * 0.044715);
+        // cube < 0 on the tail; cbrt of a negative number
+        return -t_exp(t_log(-t_fmin(cube, T(-1e-30))) / T(3));
+    }
+};
+
+// Number of Newton steps: enough to reach the accuracy floor set by the rounding of y in every
+// storage type (measured over the whole fp32 range, see tests/test_gelu.py::test_inverse_*).
+constexpr int kGeluNewtonSteps = 5;
+
+// Below this y (on the left branch) the log coordinates converge faster than the sqrt ones.
+constexpr double kGeluTailThreshold = -0.05;
+
+// GELU'(x) for the x with GELU(x) = y on the branch given by `left` (x < x*).
+template <typename Form, typename T>
+TEMPO_HD T gelu_derivative_from_output(T y, bool left) {
+    const T y_min = T(Form::y_min);
+    const T x_star = T(Form::x_star);
+    // propagate NaN / Inf: the derivative of a non-finite output is computed on itself
+    if (!t_isfinite(y)) return Form::derivative(y);
+    const T target = t_sqrt(t_fmax(y - y_min, T(0)));
+    // dx ~ sqrt(2 / curvature) * sqrt(y - y_min) near the minimum
+    const T spread = T(1.0) / t_sqrt(T(0.5) * T(Form::curvature));
+    T x;
+    const bool tail = left && y > T(kGeluTailThreshold);
+    T log_neg_y = T(0);
+    if (left) {
+        x = x_star - spread * target;
+        if (tail) {
+            if (!(y < T(0))) return T(0);  // GELU underflowed: x is so negative that GELU'(x) ~ 0
+            log_neg_y = t_log(-y);
+            x = t_fmin(x, Form::tail_start(log_neg_y));
+        }
+    } else {
+        // on the right branch x >= y when y > 0 (Phi < 1), and the quadratic model starts left of it
+        x = t_fmax(x_star + spread * target, y);
+    }
+#pragma unroll
+    for (int i = 0; i < kGeluNewtonSteps; ++i) {
+        const T g = Form::value(x);
+        const T d = Form::derivative(x);
+        T step;
+        if (tail) {
+            if (!(g < T(0))) break;
+            step = (t_log(-g) - log_neg_y) * g / d;
+        } else {
+            const T r = t_sqrt(t_fmax(g - y_min, T(0)));
+            step = (r - target) * T(2) * r / d;
+        }
+        if (!t_isfinite(step)) break;
+        x -= step;
+        // stay on the branch: Newton from the outside of a convex well can overshoot x*
+        x = left ? t_fmin(x, x_star) : t_fmax(x, x_star);
+    }
+    return Form::derivative(x);
+}
+
+}  // namespace tempo

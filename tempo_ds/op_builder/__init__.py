@@ -1,0 +1,15 @@
+"""DeepSpeed op builders for every tempo_ds op family, CPU and CUDA."""
+from .builder import TempoCPUOpBuilder, TempoCUDAOpBuilder, csrc_path, resolve_cuda_home
+from .core import CoreCPUBuilder, CoreCUDABuilder
+
+# family -> (CPU builder, CUDA builder); later families register here.
+FAMILIES = {
+    "core": (CoreCPUBuilder, CoreCUDABuilder),
+}
+
+ALL_BUILDERS = [cls for pair in FAMILIES.values() for cls in pair]
+
+__all__ = [
+    "ALL_BUILDERS", "FAMILIES", "CoreCPUBuilder", "CoreCUDABuilder", "TempoCPUOpBuilder",
+    "TempoCUDAOpBuilder", "csrc_path", "resolve_cuda_home",
+]

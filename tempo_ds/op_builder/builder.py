@@ -1,0 +1,153 @@
+"""DeepSpeed op builders for tempo_ds.
+
+Each op family has two builders, one per device, like DeepSpeed's own `op_builder/` and
+`op_builder/cpu/`: `<Family>CPUBuilder(OpBuilder)` compiles the C++ sources with g++ and OpenMP,
+`<Family>CUDABuilder(CUDAOpBuilder)` the CUDA sources with nvcc. Both include the shared
+`csrc/includes/tempo/*.h` math, so the CPU build exercises the GPU math.
+
+`load()` first imports a prebuilt module (`pip install` with `TEMPO_BUILD_OPS=1`, see setup.py),
+then JIT-builds with ninja into `$TORCH_EXTENSIONS_DIR/<NAME>` and caches the result.
+"""
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder
+
+# csrc/ sits beside the package in a source checkout; an installed wheel ships it inside the package.
+_PKG = Path(__file__).resolve().parent.parent
+CSRC = next((p for p in (_PKG.parent / "csrc", _PKG / "csrc") if p.is_dir()), _PKG.parent / "csrc")
+
+
+def csrc_path(*parts):
+    """Absolute path under csrc/ (DeepSpeed resolves relative paths against its own package)."""
+    return str(CSRC.joinpath(*parts))
+
+
+def _cuda_runtime_include_dirs():
+    """Header folders that a minimal CUDA toolkit lacks but the CUDA torch wheels ship
+    (cuBLAS/cuSPARSE headers pulled in by ATen/cuda/CUDAContext.h)."""
+    dirs = []
+    for entry in sys.path:
+        nvidia = Path(entry) / "nvidia"
+        if nvidia.is_dir():
+            dirs += [str(p) for p in sorted(nvidia.glob("cu*/include")) if p.is_dir()]
+            dirs += [str(p) for p in sorted(nvidia.glob("*/include")) if (p / "cublas_v2.h").exists()]
+    return dirs
+
+
+def resolve_cuda_home():
+    """Point torch's extension builder at a CUDA toolkit that has headers.
+
+    torch guesses CUDA_HOME from `which nvcc`; where nvcc is a wrapper script in /usr/local/bin
+    the guess is /usr/local, which has no cuda_runtime.h. An explicit CUDA_HOME always wins.
+    """
+    from torch.utils import cpp_extension
+
+    def has_headers(home):
+        return home is not None and (Path(home) / "include" / "cuda_runtime.h").exists()
+
+    if has_headers(cpp_extension.CUDA_HOME):
+        return cpp_extension.CUDA_HOME
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if has_headers(candidate):
+            cpp_extension.CUDA_HOME = candidate
+            return candidate
+    return None
+
+
+class TempoBuilderMixin:
+    """What every tempo_ds builder shares: absolute paths, the prebuilt-module lookup, the cache."""
+
+    NAME = None
+    _tempo_loaded = {}
+
+    def __init__(self):
+        super().__init__(name=self.NAME)
+
+    def absolute_name(self):
+        return f"tempo_ds.ops._prebuilt.{self.NAME}"
+
+    def include_paths(self):
+        return [csrc_path("includes")]
+
+    def prebuilt(self):
+        """The module installed by `TEMPO_BUILD_OPS=1 pip install .`, or None."""
+        try:
+            return importlib.import_module(self.absolute_name())
+        except ImportError:
+            return None
+
+    def is_built(self):
+        """True when a prebuilt or JIT-cached build exists (nothing is compiled to find out)."""
+        if self.prebuilt() is not None:
+            return True
+        from torch.utils.cpp_extension import _get_build_directory
+        build_dir = Path(_get_build_directory(self.NAME, verbose=False))
+        return any(build_dir.glob(f"{self.NAME}*.so"))
+
+    def is_loaded(self):
+        return self.NAME in TempoBuilderMixin._tempo_loaded
+
+    def load(self, verbose=False):
+        cache = TempoBuilderMixin._tempo_loaded
+        if self.NAME not in cache:
+            module = self.prebuilt()
+            if module is None:
+                module = self.jit_load(verbose)
+            cache[self.NAME] = module
+        return cache[self.NAME]
+
+
+class TempoCPUOpBuilder(TempoBuilderMixin, OpBuilder):
+    """C++/OpenMP build of an op family (g++, no nvcc)."""
+
+    def cxx_args(self):
+        return ["-O3", "-std=c++20", "-fopenmp", "-Wno-reorder"]
+
+    def extra_ldflags(self):
+        return ["-fopenmp"]
+
+    def is_compatible(self, verbose=False):
+        import shutil
+        ok = shutil.which(os.environ.get("CXX", "c++")) is not None
+        if not ok and verbose:
+            self.warning(f"{self.NAME}: no C++ compiler on PATH")
+        return ok and super().is_compatible(verbose)
+
+
+class TempoCUDAOpBuilder(TempoBuilderMixin, CUDAOpBuilder):
+    """nvcc build of an op family. It compiles without a GPU (CI compiles every CUDA op) as long
+    as TORCH_CUDA_ARCH_LIST names the target, e.g. 9.0 for H100/H200."""
+
+    def include_paths(self):
+        return super().include_paths() + _cuda_runtime_include_dirs()
+
+    def is_compatible(self, verbose=False):
+        import torch
+        if torch.version.cuda is None:
+            if verbose:
+                self.warning(f"{self.NAME}: this torch build has no CUDA")
+            return False
+        if resolve_cuda_home() is None:
+            if verbose:
+                self.warning(f"{self.NAME}: no CUDA toolkit with headers (set CUDA_HOME)")
+            return False
+        return super().is_compatible(verbose)
+
+    def cxx_args(self):
+        return ["-O3", "-std=c++20", "-Wno-reorder"]
+
+    def nvcc_args(self):
+        # No --use_fast_math: the GELU inversion needs accurate erfc/exp/log; norms keep fp32 stats.
+        return [
+            "-O3", "-std=c++20", "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            f"--threads={min(os.cpu_count() or 1, 8)}",
+        ] + self.compute_capability_args()
+
+    def jit_load(self, verbose=True):
+        resolve_cuda_home()
+        return super().jit_load(verbose)

@@ -1,0 +1,78 @@
+"""Finds the compiled kernels of an op family for a device, building them on first use.
+
+`TEMPO_DS_OPS` chooses:
+  auto  (default) build/load the op; if that fails, warn once and use the PyTorch implementation
+        of the same saving contract (tempo_ds.ops.reference);
+  built require the compiled op: a build failure raises;
+  torch always use the PyTorch implementation (tests use it to compare the two).
+"""
+import os
+import threading
+import warnings
+
+from ..op_builder import FAMILIES
+from . import reference
+
+_MODES = ("auto", "built", "torch")
+_lock = threading.Lock()
+_cache = {}
+
+
+def mode():
+    value = os.environ.get("TEMPO_DS_OPS", "auto")
+    if value not in _MODES:
+        raise ValueError(f"TEMPO_DS_OPS={value!r}: expected one of {', '.join(_MODES)}")
+    return value
+
+
+def builder_for(family, device_type):
+    """The op builder class of `family` for a device type ('cpu' or 'cuda')."""
+    try:
+        cpu_cls, cuda_cls = FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown op family {family!r}; known: {sorted(FAMILIES)}") from None
+    if device_type == "cpu":
+        return cpu_cls
+    if device_type == "cuda":
+        return cuda_cls
+    raise NotImplementedError(f"tempo_ds has no {family!r} kernels for device type {device_type!r}")
+
+
+def ops(family, device):
+    """The module with `family`'s kernels for `device` (compiled, or the PyTorch fallback)."""
+    device_type = device.type if hasattr(device, "type") else str(device)
+    chosen = mode()
+    key = (family, device_type, chosen)
+    module = _cache.get(key)
+    if module is not None:
+        return module
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+        if chosen == "torch":
+            module = reference.FALLBACKS[family]
+        else:
+            builder = builder_for(family, device_type)()
+            try:
+                module = builder.load(verbose=False)
+            except Exception as err:  # a compiler error, missing toolkit, ...
+                if chosen == "built":
+                    raise
+                warnings.warn(
+                    f"tempo_ds: could not build op {builder.NAME} ({type(err).__name__}: "
+                    f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}); using the "
+                    "PyTorch implementation with the same saving contract, which is slower",
+                    RuntimeWarning, stacklevel=3)
+                module = reference.FALLBACKS[family]
+        _cache[key] = module
+        return module
+
+
+def is_compiled(module):
+    """True when `module` is a compiled extension rather than the PyTorch fallback."""
+    return not isinstance(module, reference.Fallback)
+
+
+def loaded_modules():
+    """Every kernel module loaded so far (compiled or fallback)."""
+    return list(_cache.values())

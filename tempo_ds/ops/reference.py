@@ -1,0 +1,110 @@
+"""Plain-PyTorch versions of every kernel, with the kernels' exact signatures.
+
+They serve twice: as the fallback when no compiler is available (same saving contract, slower),
+and as the readable statement of what each kernel computes. Float64 references for tests are
+the stock PyTorch ops applied in float64.
+"""
+import math
+from types import SimpleNamespace
+
+import torch
+
+# -- GELU --------------------------------------------------------------------------------------
+# Constants of tempo/gelu.h: argmin, minimum and curvature at the minimum of each form.
+GELU_FORMS = {
+    False: SimpleNamespace(x_star=-0.75179152469356436, y_min=-0.16997120747990369,
+                           curvature=0.43149399232833563),
+    True: SimpleNamespace(x_star=-0.75246142207101630, y_min=-0.17004075057125403,
+                          curvature=0.43040009102485854),
+}
+GELU_NEWTON_STEPS = 5
+GELU_TAIL_THRESHOLD = -0.05
+_K = math.sqrt(2.0 / math.pi)
+
+
+def gelu_value(x, tanh_form):
+    if tanh_form:
+        return x * torch.sigmoid(2 * _K * (x + 0.044715 * x ** 3))
+    return x * 0.5 * torch.erfc(-x * (1 / math.sqrt(2)))
+
+
+def gelu_derivative(x, tanh_form):
+    if tanh_form:
+        s = torch.sigmoid(2 * _K * (x + 0.044715 * x ** 3))
+        return s + x * s * (1 - s) * 2 * _K * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * torch.erfc(-x * (1 / math.sqrt(2))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _gelu_tail_start(log_neg_y, tanh_form):
+    if tanh_form:
+        cube = log_neg_y / (2 * _K * 0.044715)
+        return -torch.exp(torch.log(-torch.clamp(cube, max=-1e-30)) / 3)
+    return -torch.sqrt(torch.clamp(-2 * log_neg_y - math.log(2 * math.pi), min=0))
+
+
+def gelu_derivative_from_output(y, left, tanh_form, steps=GELU_NEWTON_STEPS):
+    """GELU'(x) for the x with GELU(x) = y, left of the minimum where `left` is set.
+
+    Vectorised form of tempo::gelu_derivative_from_output (csrc/includes/tempo/gelu.h); run in
+    float64 with many steps it is the exact output-based derivative that tests compare with.
+    """
+    form = GELU_FORMS[tanh_form]
+    target = torch.sqrt(torch.clamp(y - form.y_min, min=0))
+    spread = 1.0 / math.sqrt(0.5 * form.curvature)
+    x = torch.where(left, form.x_star - spread * target, torch.maximum(form.x_star + spread * target, y))
+    tail = left & (y > GELU_TAIL_THRESHOLD)
+    underflow = tail & ~(y < 0)
+    log_neg_y = torch.log(-torch.clamp(y, max=-torch.finfo(y.dtype).tiny))
+    x = torch.where(tail, torch.minimum(x, _gelu_tail_start(log_neg_y, tanh_form)), x)
+    for _ in range(steps):
+        g = gelu_value(x, tanh_form)
+        d = gelu_derivative(x, tanh_form)
+        r = torch.sqrt(torch.clamp(g - form.y_min, min=0))
+        step = torch.where(tail, (torch.log(-g) - log_neg_y) * g / d, (r - target) * 2 * r / d)
+        step = torch.where(torch.isfinite(step) & ~(tail & ~(g < 0)), step, torch.zeros_like(step))
+        x = x - step
+        x = torch.where(left, torch.clamp(x, max=form.x_star), torch.clamp(x, min=form.x_star))
+    d = gelu_derivative(x, tanh_form)
+    d = torch.where(underflow, torch.zeros_like(d), d)
+    # a non-finite output gives the derivative of itself (NaN/Inf propagate as in the kernel)
+    return torch.where(torch.isfinite(y), d, gelu_derivative(y, tanh_form))
+
+
+def pack_bits(mask):
+    """bool [n] -> uint8 [ceil(n/8)], element 8*i+k in bit k of byte i (the kernels' layout)."""
+    n = mask.numel()
+    padded = torch.zeros(((n + 7) // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:n] = mask.reshape(-1).to(torch.uint8)
+    weights = (1 << torch.arange(8, device=mask.device, dtype=torch.int32)).to(torch.uint8)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(bits, n):
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).view(-1)[:n].bool()
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def gelu_fwd(x, tanh_form):
+    acc = x.to(_compute_dtype(x.dtype))
+    y = gelu_value(acc, tanh_form).to(x.dtype)
+    return [y, pack_bits(acc < GELU_FORMS[tanh_form].x_star)]
+
+
+def gelu_bwd(dy, y, bits, tanh_form):
+    acc = _compute_dtype(y.dtype)
+    left = unpack_bits(bits, y.numel()).view(y.shape)
+    d = gelu_derivative_from_output(y.to(acc), left, tanh_form)
+    return (dy.to(acc) * d).to(y.dtype)
+
+
+class Fallback(SimpleNamespace):
+    """A kernel module made of the PyTorch functions above."""
+
+
+FALLBACKS = {
+    "core": Fallback(gelu_fwd=gelu_fwd, gelu_bwd=gelu_bwd),
+}
