@@ -1,0 +1,47 @@
+"""Megatron-core layer specs for GPT and BERT built from the Tempo modules, and a CPU switch.
+
+    from tempo_ds.megatron import enable_cpu, tempo_gpt_model_spec
+    config, layer_spec = tempo_gpt_model_spec(config)
+    model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=..., ...)
+
+Names are imported on first use, so `import tempo_ds.megatron` does not import megatron.core
+(several seconds) and enable_cpu() can run before it.
+"""
+import importlib
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "enable_cpu": "cpu",
+    "disable_cpu": "cpu",
+    "is_cpu_enabled": "cpu",
+    "get_gpt_layer_tempo_spec": "specs",
+    "get_bert_layer_tempo_spec": "specs",
+    "apply_tempo_config": "specs",
+    "tempo_gpt_model_spec": "specs",
+    "tempo_bert_model_spec": "specs",
+    "tempo_gelu": "specs",
+    "tempo_gelu_tanh": "specs",
+    "TempoTransformerLayer": "specs",
+    "TempoBertModel": "specs",
+    "TempoNorm": "norm",
+    "MegatronTempoLayerNorm": "norm",
+    "MegatronTempoRMSNorm": "norm",
+    "get_tempo_bias_dropout_add": "bda",
+    "allreduce_sequence_parallel_grads": "parallel",
+    "TempoCoreAttention": "core_attention",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -4,13 +4,21 @@ Each entry maps a stock module class to a function that builds the Tempo module 
 reuses its parameters (no re-initialisation). A filter sees (module, qualified_name) and can
 keep any module stock.
 """
+from functools import partial
+
 from torch import nn
 
 from .activation import TempoGELU
+from .dropout import TempoDropout
+from .norm import TempoLayerNorm, TempoRMSNorm
 
 # stock class -> (kind, builder). Later op families add their rows with register().
 SWAPS = {
     nn.GELU: ("gelu", TempoGELU.from_torch),
+    nn.Dropout: ("dropout", TempoDropout.from_torch),
+    # norms over several trailing dimensions stay stock (from_torch declines them)
+    nn.LayerNorm: ("layernorm", partial(TempoLayerNorm.from_torch, strict=False)),
+    nn.RMSNorm: ("rmsnorm", partial(TempoRMSNorm.from_torch, strict=False)),
 }
 
 

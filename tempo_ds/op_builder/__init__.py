@@ -1,15 +1,18 @@
 """DeepSpeed op builders for every tempo_ds op family, CPU and CUDA."""
 from .builder import TempoCPUOpBuilder, TempoCUDAOpBuilder, csrc_path, resolve_cuda_home
 from .core import CoreCPUBuilder, CoreCUDABuilder
+from .dropout import DropoutCPUBuilder, DropoutCUDABuilder
 
 # family -> (CPU builder, CUDA builder); later families register here.
 FAMILIES = {
     "core": (CoreCPUBuilder, CoreCUDABuilder),
+    "dropout": (DropoutCPUBuilder, DropoutCUDABuilder),
 }
 
 ALL_BUILDERS = [cls for pair in FAMILIES.values() for cls in pair]
 
 __all__ = [
-    "ALL_BUILDERS", "FAMILIES", "CoreCPUBuilder", "CoreCUDABuilder", "TempoCPUOpBuilder",
-    "TempoCUDAOpBuilder", "csrc_path", "resolve_cuda_home",
+    "ALL_BUILDERS", "FAMILIES", "CoreCPUBuilder", "CoreCUDABuilder", "DropoutCPUBuilder",
+    "DropoutCUDABuilder", "TempoCPUOpBuilder", "TempoCUDAOpBuilder", "csrc_path",
+    "resolve_cuda_home",
 ]

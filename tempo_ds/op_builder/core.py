@@ -9,6 +9,7 @@ class CoreCPUBuilder(TempoCPUOpBuilder):
     def sources(self):
         return [
             csrc_path("gelu", "gelu_cpu.cpp"),
+            csrc_path("norm", "layer_norm_cpu.cpp"),
             csrc_path("core", "bindings_cpu.cpp"),
         ]
 
@@ -20,5 +21,6 @@ class CoreCUDABuilder(TempoCUDAOpBuilder):
     def sources(self):
         return [
             csrc_path("gelu", "gelu_cuda.cu"),
+            csrc_path("norm", "layer_norm_cuda.cu"),
             csrc_path("core", "bindings_cuda.cpp"),
         ]

@@ -19,3 +19,35 @@ def check_choice(name, value, choices):
 def check_probability(name, p):
     if not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+
+
+def check_non_negative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= 0.0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def check_feature_tensor(name, x):
+    """x: a float tensor with at least one dimension and a non-empty last dimension."""
+    check_float_tensor(name, x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dimension, got shape {tuple(x.shape)}")
+
+
+def check_norm_param(name, p, x, like=None):
+    """A norm's gamma or beta: None, or [x.shape[-1]] on x's device with x's dtype or float32 next
+    to 16-bit x (mixed precision); `like`, when given, is the other parameter, whose dtype p shares."""
+    if p is None:
+        return
+    check_float_tensor(name, p)
+    features = x.shape[-1]
+    if p.shape != (features,):
+        raise ValueError(f"{name} must have shape ({features},) (the last dimension of x), "
+                         f"got {tuple(p.shape)}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+    mixed = p.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
+    if p.dtype != x.dtype and not mixed:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), or float32 next to 16-bit x, "
+                        f"got {p.dtype}")
+    if like is not None and p.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of weight ({like.dtype}), got {p.dtype}")

@@ -19,6 +19,7 @@ GELU_FORMS = {
 }
 GELU_NEWTON_STEPS = 5
 GELU_TAIL_THRESHOLD = -0.05
+GELU_NEAR_MINIMUM = 1e-3
 _K = math.sqrt(2.0 / math.pi)
 
 
@@ -60,7 +61,9 @@ def gelu_derivative_from_output(y, left, tanh_form, steps=GELU_NEWTON_STEPS):
         g = gelu_value(x, tanh_form)
         d = gelu_derivative(x, tanh_form)
         r = torch.sqrt(torch.clamp(g - form.y_min, min=0))
-        step = torch.where(tail, (torch.log(-g) - log_neg_y) * g / d, (r - target) * 2 * r / d)
+        slope = torch.where((x - form.x_star).abs() < GELU_NEAR_MINIMUM,
+                            torch.where(left, -spread, spread), 2 * r / d)
+        step = torch.where(tail, (torch.log(-g) - log_neg_y) * g / d, (r - target) * slope)
         step = torch.where(torch.isfinite(step) & ~(tail & ~(g < 0)), step, torch.zeros_like(step))
         x = x - step
         x = torch.where(left, torch.clamp(x, max=form.x_star), torch.clamp(x, min=form.x_star))
@@ -101,10 +104,71 @@ def gelu_bwd(dy, y, bits, tanh_form):
     return (dy.to(acc) * d).to(y.dtype)
 
 
+# -- LayerNorm / RMSNorm ---------------------------------------------------------------------
+# Statements of tempo/norm.h: the forward keeps y and rstd; the backward recovers
+# x_hat = (y - beta) / gamma. Inputs are [M, N]; weight / bias are [N] or None.
+
+def _norm_acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _norm_fwd(x, weight, bias, eps, centred):
+    acc = _norm_acc(x.dtype)
+    xa = x.to(acc)
+    centre = xa.mean(-1, keepdim=True) if centred else torch.zeros((), dtype=acc, device=x.device)
+    rstd = 1 / torch.sqrt((xa - centre).square().mean(-1, keepdim=True) + eps)
+    y = (xa - centre) * rstd
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return [y.to(x.dtype), rstd.view(-1)]
+
+
+def _norm_bwd(dy, y, rstd, weight, bias, centred):
+    acc = _norm_acc(y.dtype)
+    dya = dy.to(acc)
+    xhat = y.to(acc)
+    g = dya
+    if bias is not None:
+        xhat = xhat - bias.to(acc)
+    if weight is not None:
+        xhat = xhat / weight.to(acc)
+        g = dya * weight.to(acc)
+    mean_g = g.mean(-1, keepdim=True) if centred else 0
+    dx = rstd.unsqueeze(-1) * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
+    dweight = None if weight is None else (dya * xhat).sum(0).to(weight.dtype)
+    dbias = None if bias is None else dya.sum(0).to(bias.dtype)
+    return [dx.to(y.dtype), dweight, dbias]
+
+
+def layer_norm_fwd(x, weight, bias, eps):
+    return _norm_fwd(x, weight, bias, eps, centred=True)
+
+
+def layer_norm_bwd(dy, y, rstd, weight, bias):
+    return _norm_bwd(dy, y, rstd, weight, bias, centred=True)
+
+
+def rms_norm_fwd(x, weight, eps):
+    return _norm_fwd(x, weight, None, eps, centred=False)
+
+
+def rms_norm_bwd(dy, y, rstd, weight):
+    return _norm_bwd(dy, y, rstd, weight, None, centred=False)[:2]
+
+
 class Fallback(SimpleNamespace):
     """A kernel module made of the PyTorch functions above."""
 
 
 FALLBACKS = {
-    "core": Fallback(gelu_fwd=gelu_fwd, gelu_bwd=gelu_bwd),
+    "core": Fallback(gelu_fwd=gelu_fwd, gelu_bwd=gelu_bwd,
+                     layer_norm_fwd=layer_norm_fwd, layer_norm_bwd=layer_norm_bwd,
+                     rms_norm_fwd=rms_norm_fwd, rms_norm_bwd=rms_norm_bwd),
 }
+
+# The dropout family keeps its fallbacks in their own module (Philox in PyTorch).
+from .reference_dropout import register as _register_dropout  # noqa: E402
+
+_register_dropout(FALLBACKS)

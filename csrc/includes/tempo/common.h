@@ -22,6 +22,8 @@ TEMPO_HD float t_sqrt(float x) { return sqrtf(x); }
 TEMPO_HD double t_sqrt(double x) { return sqrt(x); }
 TEMPO_HD float t_erfc(float x) { return erfcf(x); }
 TEMPO_HD double t_erfc(double x) { return erfc(x); }
+TEMPO_HD float t_fabs(float x) { return fabsf(x); }
+TEMPO_HD double t_fabs(double x) { return fabs(x); }
 TEMPO_HD float t_fmax(float a, float b) { return fmaxf(a, b); }
 TEMPO_HD double t_fmax(double a, double b) { return fmax(a, b); }
 TEMPO_HD float t_fmin(float a, float b) { return fminf(a, b); }

@@ -6,6 +6,7 @@
 
 #include "tempo/alloc.h"
 
+#include <optional>
 #include <vector>
 
 #define TEMPO_CORE_DECLARE()                                                              \
@@ -13,7 +14,25 @@
     std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form);                \
     /* dy, y: [n] contiguous, bits from gelu_fwd. Returns dx [n]. */                      \
     at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, \
-                        bool tanh_form);
+                        bool tanh_form);                                                  \
+    /* x: [M, N] contiguous; weight, bias: [N] or None, x's dtype or fp32 next to 16-bit  \
+       x. Returns {y [M, N], rstd [M] (fp32; fp64 for fp64 x)}. */                        \
+    std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x,                           \
+                                           const std::optional<at::Tensor>& weight,       \
+                                           const std::optional<at::Tensor>& bias, double eps); \
+    /* dy, y: [M, N], rstd from layer_norm_fwd. Returns {dx, dweight or None, dbias or    \
+       None}; x_hat is recovered from y, so gamma must be recoverable (see tempo/norm.h). */ \
+    std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& y,     \
+                                           const at::Tensor& rstd,                        \
+                                           const std::optional<at::Tensor>& weight,       \
+                                           const std::optional<at::Tensor>& bias);        \
+    /* As layer_norm_fwd without centring and without bias. Returns {y, rstd}. */         \
+    std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x,                             \
+                                         const std::optional<at::Tensor>& weight, double eps); \
+    /* As layer_norm_bwd. Returns {dx, dweight or None}. */                               \
+    std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& y,       \
+                                         const at::Tensor& rstd,                          \
+                                         const std::optional<at::Tensor>& weight);
 
 namespace tempo {
 namespace cpu {

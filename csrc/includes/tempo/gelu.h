@@ -76,6 +76,9 @@ struct GeluTanh {
 // storage type (measured over the whole fp32 range, see tests/test_gelu.py::test_inverse_*).
 constexpr int kGeluNewtonSteps = 5;
 
+// Within this distance of x*, the slope of x(s) is taken as its limit (see the Newton step).
+constexpr double kGeluNearMinimum = 1e-3;
+
 // Below this y (on the left branch) the log coordinates converge faster than the sqrt ones.
 constexpr double kGeluTailThreshold = -0.05;
 
@@ -113,7 +116,11 @@ TEMPO_HD T gelu_derivative_from_output(T y, bool left) {
             step = (t_log(-g) - log_neg_y) * g / d;
         } else {
             const T r = t_sqrt(t_fmax(g - y_min, T(0)));
-            step = (r - target) * T(2) * r / d;
+            // dx/ds = 2 r / GELU'(x) tends to -+spread at x*, where both r and GELU' vanish and
+            // their computed ratio is rounding noise: use the limit there.
+            const T slope = t_fabs(x - x_star) < T(kGeluNearMinimum) ? (left ? -spread : spread)
+                                                                     : T(2) * r / d;
+            step = (r - target) * slope;
         }
         if (!t_isfinite(step)) break;
         x -= step;

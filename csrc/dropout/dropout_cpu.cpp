@@ -1,0 +1,105 @@
+// Seeded dropout and bias-dropout-add on CPU: the same per-element math as dropout_cuda.cu
+// (tempo/philox.h), OpenMP loops through at::parallel_for. One work item is one Philox group
+// of four consecutive elements, so the CPU and CUDA builds draw identical masks for a seed.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "tempo/dropout_ops.h"
+#include "tempo/philox.h"
+
+namespace tempo {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGroupGrain = 4096;
+
+int64_t read_seed(const at::Tensor& seed) { return seed.item<int64_t>(); }
+
+template <typename scalar_t>
+void dropout_fwd_kernel(const scalar_t* x, scalar_t* y, int64_t n, DropoutParams d) {
+    using acc_t = typename compute_type<scalar_t>::type;
+    const acc_t scale = static_cast<acc_t>(d.scale);
+    at::parallel_for(0, (n + 3) / 4, kGroupGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) {
+            const uint32_t keep = dropout_keep_bits(d, g);
+            for (int k = 0; k < 4 && 4 * g + k < n; ++k) {
+                const int64_t i = 4 * g + k;
+                // multiply rather than select so that NaN/Inf propagate as in torch's dropout
+                y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * ((keep >> k) & 1 ? scale : acc_t(0)));
+            }
+        }
+    });
+}
+
+template <typename scalar_t>
+void bias_dropout_add_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
+                             scalar_t* out, int64_t n, int64_t h, DropoutParams d) {
+    using acc_t = typename compute_type<scalar_t>::type;
+    const acc_t scale = static_cast<acc_t>(d.scale);
+    at::parallel_for(0, (n + 3) / 4, kGroupGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) {
+            const uint32_t keep = dropout_keep_bits(d, g);
+            for (int k = 0; k < 4 && 4 * g + k < n; ++k) {
+                const int64_t i = 4 * g + k;
+                const acc_t v = static_cast<acc_t>(x[i]) + (bias ? static_cast<acc_t>(bias[i % h]) : acc_t(0));
+                out[i] = static_cast<scalar_t>(static_cast<acc_t>(residual[i]) +
+                                               v * ((keep >> k) & 1 ? scale : acc_t(0)));
+            }
+        }
+    });
+}
+
+}  // namespace
+
+at::Tensor dropout_fwd(const at::Tensor& x, const at::Tensor& seed, double p) {
+    TORCH_CHECK(x.is_contiguous(), "dropout_fwd: x must be contiguous");
+    detail::check_seed(seed, x, "dropout_fwd");
+    detail::check_p(p, "dropout_fwd");
+    auto y = empty_output(x);
+    const DropoutParams d = make_dropout_params(read_seed(seed), p);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_fwd", [&] {
+        dropout_fwd_kernel(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(), d);
+    });
+    return y;
+}
+
+at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p) {
+    detail::check_seed(seed, seed, "dropout_mask");
+    detail::check_p(p, "dropout_mask");
+    auto mask = at::empty({n}, seed.options().dtype(at::kBool));
+    bool* out = mask.data_ptr<bool>();
+    const DropoutParams d = make_dropout_params(read_seed(seed), p);
+    at::parallel_for(0, (n + 3) / 4, kGroupGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) {
+            const uint32_t keep = dropout_keep_bits(d, g);
+            for (int k = 0; k < 4 && 4 * g + k < n; ++k) out[4 * g + k] = (keep >> k) & 1;
+        }
+    });
+    return mask;
+}
+
+at::Tensor bias_dropout_add_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& residual, const at::Tensor& seed, double p) {
+    TORCH_CHECK(x.is_contiguous() && residual.is_contiguous(), "bias_dropout_add_fwd: x and residual must be contiguous");
+    TORCH_CHECK(residual.numel() == x.numel() && residual.scalar_type() == x.scalar_type(),
+                "bias_dropout_add_fwd: residual must match x in size and dtype");
+    detail::check_seed(seed, x, "bias_dropout_add_fwd");
+    detail::check_p(p, "bias_dropout_add_fwd");
+    int64_t h = 1;
+    if (bias.has_value()) {
+        TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type() && bias->numel() > 0 &&
+                        x.numel() % bias->numel() == 0,
+                    "bias_dropout_add_fwd: bias must be contiguous, of x's dtype, and divide x's size");
+        h = bias->numel();
+    }
+    auto out = empty_output(x);
+    const DropoutParams d = make_dropout_params(read_seed(seed), p);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_dropout_add_fwd", [&] {
+        bias_dropout_add_kernel(x.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                                residual.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.numel(), h, d);
+    });
+    return out;
+}
+
+}  // namespace cpu
+}  // namespace tempo

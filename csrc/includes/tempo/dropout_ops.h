@@ -1,0 +1,84 @@
+// Entry points of the "dropout" op family: dropout, bias-dropout-add and the attention
+// scale-mask-softmax-dropout, all of which keep a 64-bit seed instead of a mask. The CPU and
+// CUDA builds define the same functions in their own namespace; each binding exports one.
+//
+// `seed` is an int64 tensor of one element on the op's device (drawn from the torch generator
+// of that device), read by the kernels themselves so that the GPU path never syncs the host.
+#pragma once
+
+#include <torch/extension.h>
+
+#include "tempo/alloc.h"
+#include "tempo/attention.h"
+
+#include <optional>
+#include <vector>
+
+#define TEMPO_DROPOUT_DECLARE()                                                                    \
+    /* x: [n] contiguous. Returns x * keep / (1 - p); with the same seed it is also the backward. */ \
+    at::Tensor dropout_fwd(const at::Tensor& x, const at::Tensor& seed, double p);                 \
+    /* Returns the keep mask, bool [n] on seed's device (debugging and tests only). */             \
+    at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p);                          \
+    /* x, residual: [n]; bias: [h] with n % h == 0. Returns residual + dropout(x + bias). */       \
+    at::Tensor bias_dropout_add_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,    \
+                                    const at::Tensor& residual, const at::Tensor& seed, double p); \
+    /* scores: [B, sq, sk] contiguous, B = b * heads; mask: bool [b, heads, sq, sk] (any strides). \
+       Returns {probs (fp32 if keep_fp32, else scores' dtype), dropout(probs) in scores' dtype}. */ \
+    std::vector<at::Tensor> softmax_dropout_fwd(const at::Tensor& scores,                          \
+                                                const std::optional<at::Tensor>& mask, bool causal, \
+                                                double scale, const at::Tensor& seed, double p,    \
+                                                bool keep_fp32);                                   \
+    /* probs: [B, sq, sk] from softmax_dropout_fwd. Returns dropout(probs) as out_dtype. */        \
+    at::Tensor softmax_dropout_regen(const at::Tensor& probs, const at::Tensor& seed, double p,     \
+                                     at::ScalarType out_dtype);                                    \
+    /* grad: [B, sq, sk], gradient of dropout(probs). Returns the gradient of scores (out_dtype). */ \
+    at::Tensor softmax_dropout_bwd(const at::Tensor& grad, const at::Tensor& probs,                \
+                                   const std::optional<at::Tensor>& mask, bool causal,             \
+                                   double scale, const at::Tensor& seed, double p,                 \
+                                   at::ScalarType out_dtype);
+
+namespace tempo {
+namespace cpu {
+TEMPO_DROPOUT_DECLARE()
+}  // namespace cpu
+namespace cuda {
+TEMPO_DROPOUT_DECLARE()
+}  // namespace cuda
+
+// Argument checks and the MaskView shared by both builds (host code only).
+namespace detail {
+
+inline void check_seed(const at::Tensor& seed, const at::Tensor& like, const char* op) {
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+                ": seed must be an int64 tensor of one element");
+    TORCH_CHECK(seed.device() == like.device(), op, ": seed must be on the device of the input");
+}
+
+inline void check_p(double p, const char* op) {
+    TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+}
+
+// scores: [B, sq, sk]; mask: bool [b, heads, sq, sk] with b * heads == B, any strides.
+inline MaskView make_mask_view(const std::optional<at::Tensor>& mask, const at::Tensor& scores,
+                               bool causal, const char* op) {
+    TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous(), op, ": scores must be contiguous [B, sq, sk]");
+    MaskView view{nullptr, 1, scores.size(1), 0, 0, 0, 0, causal};
+    if (mask.has_value()) {
+        const at::Tensor& m = *mask;
+        TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4, op, ": mask must be bool [b, heads, sq, sk]");
+        TORCH_CHECK(m.size(0) * m.size(1) == scores.size(0) && m.size(2) == scores.size(1) &&
+                        m.size(3) == scores.size(2),
+                    op, ": mask shape ", m.sizes(), " does not match scores ", scores.sizes());
+        TORCH_CHECK(m.device() == scores.device(), op, ": mask must be on the device of scores");
+        view.ptr = m.data_ptr<bool>();
+        view.heads = m.size(1);
+        view.stride_b = m.stride(0);
+        view.stride_h = m.stride(1);
+        view.stride_q = m.stride(2);
+        view.stride_k = m.stride(3);
+    }
+    return view;
+}
+
+}  // namespace detail
+}  // namespace tempo

@@ -1,0 +1,72 @@
+// Host-side argument checks and dtype rules shared by the CPU and CUDA norm entry points.
+// tempo_ds/ops/norm.py checks the same things with friendlier messages; these are the safety net
+// for direct calls into the extension.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "tempo/alloc.h"
+
+#include <optional>
+
+namespace tempo {
+namespace norm_host {
+
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The dtype of gamma / beta: either the storage dtype of x, or fp32 next to 16-bit x (mixed
+// precision, the layout of Megatron's fp32 residual-free norms and of apex's mixed LayerNorm).
+inline at::ScalarType param_dtype(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias) {
+    if (present(weight)) return weight->scalar_type();
+    if (present(bias)) return bias->scalar_type();
+    return x.scalar_type();
+}
+
+inline void check_param(const char* op, const char* name, const std::optional<at::Tensor>& p,
+                        const at::Tensor& x, at::ScalarType dtype) {
+    if (!present(p)) return;
+    TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), op, ": ", name, " must have shape [",
+                x.size(1), "] (the last dimension of x), got ", p->sizes());
+    TORCH_CHECK(p->is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK(p->device() == x.device(), op, ": ", name, " is on ", p->device(), ", x on ", x.device());
+    TORCH_CHECK(p->scalar_type() == dtype, op, ": ", name, " has dtype ", p->scalar_type(), ", expected ", dtype);
+}
+
+// x: [M, N] contiguous; weight, bias: [N] of one dtype, equal to x's or fp32 next to 16-bit x.
+inline void check_norm_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias) {
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous [rows, features] tensor");
+    TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one feature");
+    const at::ScalarType dtype = param_dtype(x, weight, bias);
+    const bool mixed = dtype == at::kFloat &&
+                       (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+    TORCH_CHECK(dtype == x.scalar_type() || mixed, op, ": weight and bias must have the dtype of x (",
+                x.scalar_type(), ") or float32 next to 16-bit x, got ", dtype);
+    check_param(op, "weight", weight, x, dtype);
+    check_param(op, "bias", bias, x, dtype);
+}
+
+inline void check_saved(const char* op, const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd) {
+    TORCH_CHECK(y.dim() == 2 && y.is_contiguous(), op, ": y must be a contiguous [rows, features] tensor");
+    TORCH_CHECK(dy.sizes() == y.sizes() && dy.is_contiguous() && dy.scalar_type() == y.scalar_type(), op,
+                ": dy must be contiguous with the shape and dtype of y");
+    TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == y.size(0) && rstd.is_contiguous(), op,
+                ": rstd must be a contiguous [rows] tensor");
+    const at::ScalarType acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(rstd.scalar_type() == acc, op, ": rstd must be ", acc, ", got ", rstd.scalar_type());
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+    return present(t) ? t->data_ptr<T>() : nullptr;
+}
+
+// dgamma / dbeta in the parameters' dtype, or an undefined tensor (None in Python) when the
+// parameter is absent.
+inline at::Tensor param_grad_like(const std::optional<at::Tensor>& p) {
+    return present(p) ? empty_output(*p) : at::Tensor();
+}
+
+}  // namespace norm_host
+}  // namespace tempo

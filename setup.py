@@ -1,0 +1,62 @@
+"""tempo_ds: Tempo for DeepSpeed and Megatron-core.
+
+Ops are JIT-built with ninja on first use through DeepSpeed op builders. To prebuild them at
+install time (like DS_BUILD_OPS=1):
+
+    TEMPO_BUILD_OPS=1 pip install --no-build-isolation .
+
+which needs torch and deepspeed already installed; CUDA ops are built when a CUDA toolkit is
+found (CUDA_HOME, TORCH_CUDA_ARCH_LIST select it and the targets).
+"""
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def prebuilt_extensions():
+    if os.environ.get("TEMPO_BUILD_OPS", "0") != "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    from tempo_ds.op_builder import ALL_BUILDERS, resolve_cuda_home
+    resolve_cuda_home()
+    extensions = []
+    for cls in ALL_BUILDERS:
+        builder = cls()
+        if not builder.is_compatible(verbose=True):
+            print(f"tempo_ds: skipping {builder.NAME}: {builder.error_log}")
+            continue
+        ext = builder.builder()
+        # setuptools wants sources relative to setup.py
+        ext.sources = [os.path.relpath(s, HERE) for s in ext.sources]
+        extensions.append(ext)
+    return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = prebuilt_extensions()
+
+setup(
+    name="tempo_ds",
+    version="0.1.0",
+    description="Tempo (in-place GELU, output-saving LayerNorm, mask-free dropout) for DeepSpeed and Megatron-core",
+    packages=find_packages(include=["tempo_ds", "tempo_ds.*"]),
+    include_package_data=True,
+    package_data={"tempo_ds": ["data/*.txt", "data/*.md"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19,<0.20",
+        # 0.17 and later need Python >= 3.12
+        "megatron-core==0.16.1",
+        "ninja",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "bench": ["matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m tempo_ds.bench ops (see ops.py)."""

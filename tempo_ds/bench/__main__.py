@@ -1,0 +1,28 @@
+"""python -m tempo_ds.bench {ops,numerics} [options]"""
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tempo_ds.bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_ops = sub.add_parser("ops", help="each Tempo op against its stock twin")
+    p_ops.add_argument("--only", nargs="*", help="case groups: gelu norm dropout attention")
+    p_ops.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p_ops.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p_ops.add_argument("--size", default=None, choices=["small", "large"])
+    p_ops.add_argument("--reps", type=int, default=None)
+    p_ops.add_argument("--json", default="bench_ops.json", help="where to write the results ('' for none)")
+    sub.add_parser("numerics", help="GELU gradient error vs float64, next to PyTorch's")
+    args = parser.parse_args(argv)
+    if args.command == "ops":
+        from . import ops
+        return ops.main(args)
+    if args.command == "numerics":
+        from . import numerics
+        return numerics.main(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

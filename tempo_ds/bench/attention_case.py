@@ -1,0 +1,54 @@
+"""Attention cases for the ops benchmark: Megatron-core's DotProductAttention (the unfused local
+path: scores, fp32 softmax, dropout, @v) against TempoCoreAttention on its flash and its
+softmax-dropout-matmul ("tempo") paths, causal, with attention dropout 0.1 as in GPT-2."""
+import torch
+
+
+def _config(heads, head_dim, dtype):
+    from ..memory import models
+    models.init_distributed()
+    return models.model_config(layers=1, hidden=heads * head_dim, heads=heads, dtype=dtype,
+                               attention_dropout=0.1)
+
+
+def cases(Case):
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from ..megatron.core_attention import TempoCoreAttention
+
+    built = {}
+
+    def modules(dtype, heads, head_dim, device):
+        key = (dtype, heads, head_dim, device)
+        if key not in built:
+            config = _config(heads, head_dim, dtype)
+            args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+            built[key] = {
+                "stock": DotProductAttention(**args).to(device).train(),
+                "flash": TempoCoreAttention(**args, path="flash").to(device).train(),
+                "tempo": TempoCoreAttention(**args, path="tempo").to(device).train(),
+            }
+        return built[key]
+
+    def make(device, dtype, size):
+        s, b, heads, head_dim = (1024, 4, 16, 64) if size == "large" else (256, 1, 8, 64)
+        shape = (s, b, heads, head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), diagonal=1).view(1, 1, s, s)
+        return q, k, v, mask
+
+    def run(which):
+        def fn(q, k, v, mask):
+            module = modules(q.dtype, q.shape[2], q.shape[3], q.device)[which]
+            return module(q, k, v, mask, attn_mask_type=AttnMaskType.causal)
+        return fn
+
+    def score_bytes(q, k, v, mask):
+        s, b, heads, _ = q.shape
+        return (4 * q.numel() + s * s * b * heads) * q.element_size()
+
+    return [
+        Case(f"attention[flash] vs unfused", make, run("flash"), run("stock"), score_bytes, score_bytes),
+        Case(f"attention[tempo] vs unfused", make, run("tempo"), run("stock"), score_bytes, score_bytes),
+    ]

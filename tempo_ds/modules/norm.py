@@ -1,0 +1,145 @@
+"""nn.Module drop-ins for LayerNorm and RMSNorm that keep their output, not their input.
+
+Parameters are named `weight` and `bias` as in torch.nn.LayerNorm / torch.nn.RMSNorm, so state
+dicts load either way; `from_torch` reuses the stock module's Parameter objects.
+"""
+import numbers
+
+import torch
+from torch import nn
+
+from ..ops.norm import layer_norm_impl, rms_norm_impl
+
+
+def _single_feature_dim(normalized_shape, cls_name):
+    """The size N of the one normalised (last) dimension; these ops normalise over one dim."""
+    if isinstance(normalized_shape, numbers.Integral):
+        shape = (int(normalized_shape),)
+    else:
+        shape = tuple(int(s) for s in normalized_shape)
+    if len(shape) != 1 or shape[0] < 1:
+        raise ValueError(f"{cls_name}: normalized_shape must be one positive size (the last "
+                         f"dimension), got {normalized_shape!r}")
+    return shape
+
+
+def _check_last_dim(x, shape, cls_name):
+    if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[-1] != shape[0]):
+        raise ValueError(f"{cls_name}: x must have last dimension {shape[0]} (normalized_shape), "
+                         f"got shape {tuple(x.shape)}")
+
+
+class TempoLayerNorm(nn.Module):
+    """Drop-in for nn.LayerNorm over the last dimension that saves its output y (shared with the
+    next layer) and one fp32 rstd per row for backward, instead of its input and two statistics.
+
+    Attribute `recover_check` (default True): check before each training forward, at the cost of
+    one device-to-host sync, that gamma lets the input be recovered from the output, and keep
+    the input for that call if not (see tempo_ds/ops/norm.py and docs/norm.md).
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None,
+                 dtype=None, *, recover_check=True):
+        super().__init__()
+        self.normalized_shape = _single_feature_dim(normalized_shape, type(self).__name__)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.recover_check = recover_check
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        _check_last_dim(x, self.normalized_shape, type(self).__name__)
+        return layer_norm_impl(x, self.weight, self.bias, self.eps, self.recover_check, owner=self)
+
+    @classmethod
+    def from_torch(cls, module, strict=True, recover_check=True):
+        """Build from an nn.LayerNorm, reusing its Parameter objects (no copy, no re-init).
+
+        A LayerNorm over several trailing dimensions raises ValueError, or returns None when
+        strict=False (the swap table uses that to leave it stock).
+        """
+        if not isinstance(module, nn.LayerNorm):
+            raise TypeError(f"{cls.__name__}.from_torch expects nn.LayerNorm, got {type(module).__name__}")
+        if len(module.normalized_shape) != 1:
+            if strict:
+                raise ValueError(f"{cls.__name__} normalises over the last dimension only; this "
+                                 f"LayerNorm has normalized_shape {tuple(module.normalized_shape)}")
+            return None
+        new = cls(module.normalized_shape, module.eps, elementwise_affine=False, bias=False,
+                  recover_check=recover_check)
+        new.elementwise_affine = module.elementwise_affine
+        new.weight = module.weight
+        new.bias = module.bias
+        return new
+
+    def extra_repr(self):
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"recover_check={self.recover_check}")
+
+
+class TempoRMSNorm(nn.Module):
+    """Drop-in for torch.nn.RMSNorm over the last dimension that saves its output y and one fp32
+    rstd per row for backward. eps=None means torch's default (machine epsilon of the math type).
+
+    Attribute `recover_check` as in TempoLayerNorm (the rule is gamma_j == 0).
+    """
+
+    def __init__(self, normalized_shape, eps=1e-6, elementwise_affine=True, device=None, dtype=None, *,
+                 recover_check=True):
+        super().__init__()
+        self.normalized_shape = _single_feature_dim(normalized_shape, type(self).__name__)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.recover_check = recover_check
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        _check_last_dim(x, self.normalized_shape, type(self).__name__)
+        return rms_norm_impl(x, self.weight, self.eps, self.recover_check, owner=self)
+
+    @classmethod
+    def from_torch(cls, module, strict=True, recover_check=True):
+        """Build from a torch.nn.RMSNorm, reusing its weight Parameter; eps=None stays None.
+
+        An RMSNorm over several trailing dimensions raises ValueError, or returns None when
+        strict=False.
+        """
+        if not isinstance(module, nn.RMSNorm):
+            raise TypeError(f"{cls.__name__}.from_torch expects nn.RMSNorm, got {type(module).__name__}")
+        if len(module.normalized_shape) != 1:
+            if strict:
+                raise ValueError(f"{cls.__name__} normalises over the last dimension only; this "
+                                 f"RMSNorm has normalized_shape {tuple(module.normalized_shape)}")
+            return None
+        new = cls(module.normalized_shape, module.eps, elementwise_affine=False, recover_check=recover_check)
+        new.elementwise_affine = module.elementwise_affine
+        new.weight = module.weight
+        return new
+
+    def extra_repr(self):
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"recover_check={self.recover_check}")

@@ -1,0 +1,127 @@
+"""Attention scale-mask-softmax-dropout-matmul that keeps the softmax output and a seed only.
+
+Tempo's sub-layer dropout recomputation for attention: out = dropout(softmax(mask(scale * scores))) @ v.
+Megatron-core's unfused attention (FusedScaleMaskSoftmax's PyTorch path + nn.Dropout + bmm) keeps,
+per element of the [b, np, sq, sk] score tensor, the fp32 softmax output (4 bytes), the dropout
+mask (1 byte) and the dropped probabilities that the @v matmul saves (2 bytes in bf16): 7 bytes.
+This op keeps the softmax output in the activation dtype (2 bytes in bf16; 4 with
+softmax_in_fp32=True) plus one 8-byte seed; backward regenerates the dropped probabilities.
+
+Semantics follow Megatron's FusedScaleMaskSoftmax with attention_mask_func: mask True means
+"masked out"; masked scores are replaced by -10000.0 after scaling (so a fully masked row is the
+uniform 1/sk, never NaN); softmax statistics are fp32 (fp64 for fp32 scores); the probabilities are
+rounded to the activation dtype before dropout and @v, as Megatron casts them.
+"""
+import torch
+
+from . import _backend
+from ._checks import check_float_tensor, check_probability
+from .dropout import draw_seed, report_mask
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _grouped(t, groups, rows_per_group):
+    """[b, np, rows, d] -> [b, groups, (np / groups) * rows, d] (a view: heads of a group are adjacent)."""
+    return t.reshape(t.shape[0], groups, rows_per_group, t.shape[-1])
+
+
+class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
+    """dropout(softmax(mask(scale * scores))) @ v, keeping probs (activation dtype or fp32) and a seed."""
+
+    @staticmethod
+    def forward(ctx, scores, v, mask, p, scale, keep_fp32, causal):
+        b, heads, sq, sk = scores.shape
+        groups = v.shape[1]
+        kernels = _backend.ops("dropout", scores.device)
+        # without dropout nothing is drawn, so the generator is left where stock code leaves it
+        seed = draw_seed(scores.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=scores.device)
+        scores3 = scores.contiguous().view(b * heads, sq, sk)
+        probs, dropped = kernels.softmax_dropout_fwd(scores3, mask, causal, scale, seed, p, keep_fp32)
+        if p > 0.0:
+            report_mask("softmax_dropout_matmul", kernels, seed, scores.shape, p)
+        # GQA: a group's heads share one v, so [b, g, r*sq, sk] @ [b, g, sk, hn] needs no repeat
+        out = torch.matmul(_grouped(dropped.view(b, heads, sq, sk), groups, heads // groups * sq), v)
+        ctx.shape = (b, heads, sq, sk)
+        ctx.p, ctx.scale, ctx.causal = p, scale, causal
+        ctx.has_mask = mask is not None
+        ctx.save_for_backward(probs, v, seed, *([mask] if mask is not None else []))
+        return out.view(b, heads, sq, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        probs, v, seed, *rest = ctx.saved_tensors
+        mask = rest[0] if ctx.has_mask else None
+        b, heads, sq, sk = ctx.shape
+        groups = v.shape[1]
+        rows = heads // groups * sq
+        kernels = _backend.ops("dropout", probs.device)
+        grad_out = _grouped(grad_out, groups, rows)
+        grad_dropped = torch.matmul(grad_out, v.transpose(-1, -2))
+        grad_v = None
+        if ctx.needs_input_grad[1]:
+            if ctx.p > 0.0 or probs.dtype != v.dtype:
+                dropped = kernels.softmax_dropout_regen(probs, seed, ctx.p, v.dtype)
+            else:
+                dropped = probs
+            grad_v = torch.matmul(_grouped(dropped.view(b, heads, sq, sk), groups, rows).transpose(-1, -2), grad_out)
+        grad_scores = None
+        if ctx.needs_input_grad[0]:
+            grad_scores = kernels.softmax_dropout_bwd(grad_dropped.contiguous().view(b * heads, sq, sk), probs, mask,
+                                                      ctx.causal, ctx.scale, seed, ctx.p, grad_dropped.dtype)
+            grad_scores = grad_scores.view(b, heads, sq, sk)
+        return grad_scores, grad_v, None, None, None, None, None
+
+
+def softmax_dropout_matmul(scores, v, mask=None, p=0.0, scale=None, softmax_in_fp32=False, causal=False):
+    """dropout(softmax(mask(scale * scores))) @ v with Megatron's masking semantics.
+
+    Args:
+        scores: raw attention scores [b, np, sq, sk] (Megatron: q @ k^T * softmax_scale), float.
+        v: values [b, ng, sk, hn] of scores' dtype, ng dividing np (GQA: head i uses group i // (np/ng)).
+        mask: None or a bool tensor broadcastable to [b, np, sq, sk]; True = masked out
+            (replaced by -10000.0 after scaling, as Megatron's attention_mask_func).
+        p: attention dropout probability in [0, 1); pass 0 in eval.
+        scale: None or the multiplier applied in fp32 before masking (Megatron's
+            FusedScaleMaskSoftmax `scale`, the query-key layer scaling coefficient).
+        softmax_in_fp32: keep the softmax output in fp32 (4 bytes per element) for a backward
+            bit-for-bit on Megatron's fp32 softmax backward. False keeps it in the activation
+            dtype (2 bytes in bf16/fp16); the backward still computes in fp32. The statistics are
+            fp32 either way.
+        causal: also mask key > query (Megatron's default causal mask), without a mask tensor.
+
+    Returns: [b, np, sq, hn] in scores' dtype.
+
+    Saves for backward: the softmax output ([b, np, sq, sk], activation dtype or fp32), an 8-byte
+    seed, v and the mask (both inputs, so no new bytes). Not the dropout output, not a dropout mask.
+    """
+    check_float_tensor("scores", scores)
+    check_float_tensor("v", v)
+    check_probability("p", p)
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [b, np, sq, sk], got shape {tuple(scores.shape)}")
+    b, heads, sq, sk = scores.shape
+    if v.dim() != 4 or v.shape[0] != b or v.shape[2] != sk or v.shape[1] == 0 or heads % v.shape[1]:
+        raise ValueError(f"v must be [b={b}, ng, sk={sk}, hn] with ng dividing np={heads}, got {tuple(v.shape)}")
+    if v.dtype != scores.dtype or v.device != scores.device:
+        raise TypeError(f"v must have scores' dtype and device ({scores.dtype}, {scores.device}), "
+                        f"got {v.dtype}, {v.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = masked out), got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.device != scores.device:
+            raise TypeError(f"mask must be on scores' device {scores.device}, got {mask.device}")
+        try:
+            if mask.dim() > 4 or torch.broadcast_shapes(mask.shape, scores.shape) != scores.shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} is not broadcastable to scores' shape "
+                             f"{tuple(scores.shape)}") from None
+        # a broadcast view: stride 0 on broadcast dimensions, no copy
+        mask = mask.expand(b, heads, sq, sk)
+    if causal and sq != sk:
+        raise ValueError(f"causal needs sq == sk (Megatron's causal mask is for self attention), got {sq}, {sk}")
+    keep_fp32 = bool(softmax_in_fp32) and scores.dtype in _HALF
+    return SoftmaxDropoutMatmulFunction.apply(scores, v, mask, float(p), 1.0 if scale is None else float(scale),
+                                              keep_fp32, bool(causal))

@@ -1,0 +1,169 @@
+"""Dropout and bias-dropout-add that keep a seed, not a mask.
+
+Each call draws one 64-bit seed from the current torch generator of the input's device
+(`torch.randint` into a one-element int64 tensor on that device: no host sync on GPU) and the
+kernels derive the keep mask of element i from Philox4x32-10(counter = i // 4, key = seed)
+(csrc/includes/tempo/philox.h). Backward regenerates the mask from the same seed. Because the
+seed comes from torch's generator:
+  - torch.manual_seed makes runs repeatable;
+  - Megatron's tensor-parallel RNG tracker (`get_cuda_rng_tracker().fork()`) swaps that generator's
+    state, so forked regions draw their seeds from the model-parallel stream;
+  - torch.utils.checkpoint and Megatron's recomputation restore the RNG state before recomputing,
+    so the recomputed forward draws the same seed and regenerates the same mask.
+The CPU build, the CUDA build and the PyTorch fallback draw identical masks for a given seed.
+
+RNG streams versus stock: with p = 0 or in eval mode nothing is drawn, as with torch's dropout,
+so such a model leaves the generator exactly where stock code does. In training with p > 0 each
+call advances the generator by one 64-bit draw, where torch's dropout advances it by an amount
+depending on the tensor size (CPU) or a Philox offset increment (CUDA): the masks differ from
+stock ones (they come from another generator) and later random numbers differ as well, but both
+are a deterministic function of the seed.
+"""
+import contextlib
+
+import torch
+
+from . import _backend
+from ._checks import check_float_tensor, check_probability
+
+_INT64_MIN, _INT64_END = -(2 ** 63), 2 ** 63 - 1
+
+# Debug hooks: callables (op_name, keep_mask) run after each forward that draws a mask.
+_mask_hooks = []
+
+
+def draw_seed(device):
+    """One int64 drawn from the current torch generator of `device`, as a tensor on `device`."""
+    return torch.randint(_INT64_MIN, _INT64_END, (1,), dtype=torch.int64, device=device)
+
+
+@contextlib.contextmanager
+def dropout_mask_hook(hook):
+    """Call `hook(op_name, keep_mask)` after every Tempo dropout forward in the block.
+
+    keep_mask is a bool tensor shaped like the dropped tensor (True = kept). It is regenerated from
+    the seed by the op's own kernels only while a hook is installed (debugging and tests), so it
+    costs nothing otherwise.
+    """
+    _mask_hooks.append(hook)
+    try:
+        yield hook
+    finally:
+        _mask_hooks.remove(hook)
+
+
+@contextlib.contextmanager
+def record_dropout_masks():
+    """Collect (op_name, keep_mask) of every Tempo dropout forward in the block into a list."""
+    records = []
+    with dropout_mask_hook(lambda name, mask: records.append((name, mask))):
+        yield records
+
+
+def report_mask(op_name, kernels, seed, shape, p):
+    if not _mask_hooks:
+        return
+    n = 1
+    for d in shape:
+        n *= d
+    mask = kernels.dropout_mask(seed, n, p).view(shape)
+    for hook in list(_mask_hooks):
+        hook(op_name, mask)
+
+
+class DropoutFunction(torch.autograd.Function):
+    """x * keep / (1 - p) with the keep mask regenerated from a seed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        kernels = _backend.ops("dropout", x.device)
+        seed = draw_seed(x.device)
+        y = kernels.dropout_fwd(x.contiguous().view(-1), seed, p).view(x.shape)
+        ctx.p = p
+        ctx.save_for_backward(seed)
+        report_mask("dropout", kernels, seed, x.shape, p)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (seed,) = ctx.saved_tensors
+        kernels = _backend.ops("dropout", dy.device)
+        # the gradient of x * keep / (1 - p) is the same mask and scale applied to dy
+        return kernels.dropout_fwd(dy.contiguous().view(-1), seed, ctx.p).view(dy.shape), None
+
+
+class BiasDropoutAddFunction(torch.autograd.Function):
+    """residual + dropout(x + bias) in one kernel, keeping only the seed."""
+
+    @staticmethod
+    def forward(ctx, x, bias, residual, p):
+        kernels = _backend.ops("dropout", x.device)
+        seed = draw_seed(x.device)
+        flat_bias = bias.contiguous().view(-1) if bias is not None else None
+        out = kernels.bias_dropout_add_fwd(x.contiguous().view(-1), flat_bias, residual.contiguous().view(-1),
+                                           seed, p).view(x.shape)
+        ctx.p = p
+        ctx.bias_numel = bias.numel() if bias is not None else 0
+        ctx.bias_shape = bias.shape if bias is not None else None
+        ctx.save_for_backward(seed)
+        report_mask("bias_dropout_add", kernels, seed, x.shape, p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        kernels = _backend.ops("dropout", grad.device)
+        grad_x = kernels.dropout_fwd(grad.contiguous().view(-1), seed, ctx.p).view(grad.shape)
+        grad_bias = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
+            grad_bias = grad_x.view(-1, ctx.bias_numel).sum(dim=0, dtype=torch.float32).to(grad.dtype)
+            grad_bias = grad_bias.view(ctx.bias_shape)
+        return grad_x, grad_bias, grad, None
+
+
+def dropout(x, p=0.5, training=True):
+    """Dropout that keeps an 8-byte seed for backward instead of a mask.
+
+    Args:
+        x: float tensor of any shape and layout.
+        p: probability of zeroing an element, in [0, 1). Kept elements are scaled by 1 / (1 - p).
+        training: False (or p == 0) returns x itself and draws no random number.
+
+    Saves for backward: one int64 seed (8 bytes). Stock dropout saves a 1-byte mask per element.
+    """
+    check_float_tensor("x", x)
+    check_probability("p", p)
+    if not training or p == 0.0:
+        return x
+    return DropoutFunction.apply(x, float(p))
+
+
+def bias_dropout_add(x, bias, residual, p, training=True):
+    """residual + dropout(x + bias), fused (Megatron's bias_dropout_add).
+
+    Args:
+        x: float tensor [..., h].
+        bias: None or a tensor of x's dtype broadcast over x's last dimension ([h]).
+        residual: tensor of x's shape and dtype.
+        p: dropout probability in [0, 1).
+        training: False (or p == 0) computes residual + x + bias without drawing a random number.
+
+    Saves for backward: one int64 seed (8 bytes). Stock bias-dropout-add saves a 1-byte mask per
+    element.
+    """
+    check_float_tensor("x", x)
+    check_float_tensor("residual", residual)
+    check_probability("p", p)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise TypeError(f"residual must have x's dtype and device ({x.dtype}, {x.device}), "
+                        f"got {residual.dtype}, {residual.device}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if x.dim() == 0 or bias.numel() != x.shape[-1] or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias must be a [{x.shape[-1] if x.dim() else '?'}] tensor of x's dtype and "
+                             f"device, got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if not training or p == 0.0:
+        return residual + (x + bias if bias is not None else x)
+    return BiasDropoutAddFunction.apply(x, bias, residual, float(p))

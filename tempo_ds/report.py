@@ -1,0 +1,62 @@
+"""`python -m tempo_ds.report`: like DeepSpeed's ds_report, one line per op builder.
+
+For each op family and device it says whether the op can be built here (compatible), whether a
+build exists (prebuilt or JIT-cached), whether it is loaded in this process, and which device it
+serves. `--load` builds/loads every compatible op first (JIT on first use, cached afterwards).
+"""
+import argparse
+import sys
+
+import torch
+
+
+def rows(load=False):
+    from .op_builder import FAMILIES
+    out = []
+    for family, (cpu_cls, cuda_cls) in FAMILIES.items():
+        for device, cls in (("cpu", cpu_cls), ("cuda", cuda_cls)):
+            builder = cls()
+            compatible = builder.is_compatible(verbose=False)
+            error = ""
+            if load and compatible:
+                try:
+                    builder.load(verbose=False)
+                except Exception as err:  # report, don't stop: the table is the point
+                    error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            out.append({
+                "family": family, "op": builder.NAME, "device": device,
+                "compatible": compatible, "built": builder.is_built(),
+                "loaded": builder.is_loaded(), "prebuilt": builder.prebuilt() is not None,
+                "runnable": device == "cpu" or torch.cuda.is_available(), "error": error,
+            })
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", action="store_true", help="build/load every compatible op first")
+    args = parser.parse_args(argv)
+    import deepspeed
+    from torch.utils import cpp_extension
+
+    from . import __version__
+    from .op_builder import resolve_cuda_home
+    print(f"tempo_ds {__version__} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+          f"deepspeed {deepspeed.__version__} | CUDA_HOME {resolve_cuda_home() or cpp_extension.CUDA_HOME}")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"GPU: {gpu}")
+    header = f"{'op':<20}{'device':<8}{'compatible':<12}{'built':<8}{'prebuilt':<10}{'loaded':<8}{'runs here':<10}"
+    print(header)
+    print("-" * len(header))
+    failed = False
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    for r in rows(args.load):
+        print(f"{r['op']:<20}{r['device']:<8}{yes(r['compatible']):<12}{yes(r['built']):<8}"
+              f"{yes(r['prebuilt']):<10}{yes(r['loaded']):<8}{yes(r['runnable']):<10}"
+              + (f" error: {r['error']}" if r["error"] else ""))
+        failed |= bool(r["error"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

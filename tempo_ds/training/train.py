@@ -1,0 +1,346 @@
+"""Train a megatron-core GPT-2 or BERT through the DeepSpeed engine, with Tempo as ds_config says.
+
+    python -m tempo_ds.training.train --model gpt2 --size tiny --steps 50     # one process
+    deepspeed --num_gpus 2 -m tempo_ds.training.train --model bert ...        # any launcher
+    bash launch/train_gpt2.sh / deepspeed launch/train_gpt2.sh                # docs/launch.md
+
+Everything Tempo-specific sits in tempo_ds.initialize (called instead of deepspeed.initialize) and
+in the model builder's choice of layer spec; the loop is an ordinary DeepSpeed loop.
+
+Reproducibility: sample i of the dataset depends only on (seed, i), and the RNG is reseeded from
+(seed, step, data-parallel rank) at every step, so a run resumed from a checkpoint at step k
+continues the loss trajectory of the uninterrupted run exactly (tests/test_deepspeed_checkpoint.py).
+"""
+import argparse
+import json
+import logging
+import os
+import resource
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger("tempo_ds")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIGS = {"gpt2": os.path.join(REPO, "configs", "ds_config_gpt2.json"),
+                   "bert": os.path.join(REPO, "configs", "ds_config_bert.json")}
+DEFAULT_SIZES = {"gpt2": ("tiny", "124m"), "bert": ("tiny", "base")}  # (CPU, GPU)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=("gpt2", "bert"), default="gpt2")
+    p.add_argument("--size", default=None,
+                   help="gpt2: tiny/124m/345m/774m/1.5b; bert: tiny/base/large "
+                        "(default: tiny on CPU, 124m / base on GPU)")
+    p.add_argument("--seq-length", type=int, default=None, help="default: 128 on CPU, 1024 GPT / 512 BERT on GPU")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="overrides train_micro_batch_size_per_gpu of the config")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 60 on CPU, 1000 on GPU)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--data-path", default=None,
+                   help="prefix of a Megatron indexed dataset (.bin/.idx); default: the embedded corpus")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary of --data-path when not tokenized with the byte tokenizer")
+    p.add_argument("--special-ids", default="",
+                   help="ids of special tokens of --data-path, e.g. eod=50256 or cls=101,sep=102,mask=103,pad=0")
+    p.add_argument("--config", default=None, help="DeepSpeed JSON config (default: configs/ds_config_<model>.json)")
+    p.add_argument("--tempo", choices=("config", "on", "off"), default="config",
+                   help='override the config\'s "tempo" key (compare runs without editing the file)')
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="overrides zero_optimization.stage of the config")
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout")
+    p.add_argument("--no-nsp", dest="nsp", action="store_false", help="BERT: masked LM only")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--save", default=None, help="DeepSpeed checkpoint folder")
+    p.add_argument("--save-interval", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.add_argument("--load", default=None, help="resume from the latest checkpoint in this folder")
+    p.add_argument("--resume", action="store_true", help="resume from --save if it holds a checkpoint")
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--no-summary", dest="summary", action="store_false",
+                   help="skip the end-of-run activation-bytes comparison")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+@dataclass
+class Result:
+    """What a run did; rank 0's view (losses are averaged over data-parallel ranks)."""
+    losses: list = field(default_factory=list)
+    start_step: int = 0
+    steps: int = 0
+    tokens_per_s: float = 0.0
+    peak_memory_bytes: int = 0
+    tempo: dict = field(default_factory=dict)
+    spec: str = "stock"
+    activation_bytes: dict = field(default_factory=dict)
+
+
+def _single_process_defaults():
+    """Without a launcher, run as rank 0 of 1 (DeepSpeed otherwise looks for MPI)."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+
+
+def _say(message):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
+def build_ds_config(args, on_cpu):
+    """The config dict for this run: the file, then the command line's overrides."""
+    from tempo_ds.deepspeed.config import load_ds_config
+
+    ds_config = load_ds_config(args.config or DEFAULT_CONFIGS[args.model])
+    if args.tempo != "config":
+        ds_config["tempo"] = args.tempo == "on"
+    if args.micro_batch is not None:
+        ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
+    # DeepSpeed derives train_batch_size from micro-batch x accumulation x data-parallel size.
+    ds_config.pop("train_batch_size", None)
+    if args.zero_stage is not None:
+        ds_config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if on_cpu:
+        for key in ("bf16", "fp16"):
+            if ds_config.get(key, {}).get("enabled"):
+                _say(f"tempo_ds: no GPU: {key} turned off, training in float32 on CPU")
+                ds_config[key] = {"enabled": False}
+    return ds_config
+
+
+def _data(args, seq_length, num_samples):
+    from tempo_ds.data import ByteTokenizer, default_prefix, parse_special_ids
+    from tempo_ds.data.datasets import MLMDataset, gpt_dataset
+
+    tokenizer = ByteTokenizer(args.vocab_size, **parse_special_ids(args.special_ids))
+    kind = "gpt" if args.model == "gpt2" else "bert"
+    if args.data_path is not None:
+        prefix = args.data_path
+    elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        prefix = default_prefix(kind, tokenizer)
+    else:
+        prefix = None
+    if args.data_path is None:
+        # Local rank 0 writes the corpus' indexed dataset on first use; the others wait for it.
+        torch.distributed.barrier()
+        prefix = prefix or default_prefix(kind, tokenizer)
+    if args.model == "gpt2":
+        cache = os.path.join(os.path.dirname(os.path.abspath(prefix)), "index_cache")
+        dataset = gpt_dataset(prefix, tokenizer, seq_length, num_samples, args.seed, cache)
+    else:
+        dataset = MLMDataset(prefix, tokenizer, seq_length, num_samples, args.seed, nsp=args.nsp)
+    return tokenizer, dataset
+
+
+def _batch(dataset, step, micro, gas, mb, device):
+    """Micro-batch `micro` of optimizer step `step` for this data-parallel rank."""
+    from megatron.core import parallel_state as ps
+
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    first = ((step * gas + micro) * dp + rank) * mb
+    items = [dataset[(first + j) % len(dataset)] for j in range(mb)]
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device) for k in items[0]}
+
+
+def _loss(model_kind, model, batch):
+    """Mean token loss (+ NSP loss for BERT) of one micro-batch."""
+    if model_kind == "gpt2":
+        per_token = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                          labels=batch["labels"])
+        mask = batch["loss_mask"]
+        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+    out = model(batch["text"], batch["padding_mask"], tokentype_ids=batch["types"],
+                lm_labels=batch["labels"])
+    lm, nsp_logits = out if isinstance(out, tuple) else (out, None)
+    mask = batch["loss_mask"]
+    loss = (lm.float() * mask).sum() / mask.sum().clamp(min=1)
+    if nsp_logits is not None:
+        loss = loss + torch.nn.functional.cross_entropy(nsp_logits.float(), batch["is_random"])
+    return loss
+
+
+def _reseed(seed, step):
+    """Dropout masks of step k depend on (seed, k, data-parallel rank) only: resuming at k
+    replays the uninterrupted run. Tensor-parallel ranks share the default generator's seed
+    (Megatron forks its tracker for the sharded parts)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    step_seed = seed + 1000003 * step + 7919 * ps.get_data_parallel_rank()
+    torch.manual_seed(step_seed)
+    model_parallel_cuda_manual_seed(step_seed % (2 ** 31))
+
+
+def _peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is in KiB on Linux: the process' peak resident set, parameters and all.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _latest_checkpoint(folder):
+    return folder is not None and os.path.isfile(os.path.join(folder, "latest"))
+
+
+def activation_bytes(args, tempo, vocab_size, batch, device, on_cpu):
+    """Bytes autograd keeps for one forward of the stock spec and of the Tempo model, as
+    tempo_ds.memory.SavedTensorLedger counts them (parameters excluded, storages deduplicated)."""
+    from tempo_ds.deepspeed.apply import swap_model
+    from tempo_ds.deepspeed.config import TempoConfig
+    from tempo_ds.memory import SavedTensorLedger
+    from tempo_ds.training.models import build_model
+
+    out = {}
+    for name, cfg in (("stock", TempoConfig.disabled()), ("tempo", tempo if tempo.enabled else TempoConfig())):
+        torch.manual_seed(args.seed)
+        model, _ = build_model(args.model, args.size, args.seq_length, vocab_size, args.tp, cfg,
+                               dropout=args.dropout, on_cpu=on_cpu, nsp=args.nsp)
+        if cfg.enabled:
+            swap_model(model, cfg, log=False)
+        model.to(device).train()
+        with SavedTensorLedger(model) as ledger:
+            loss = _loss(args.model, model, batch)
+        out[name] = ledger.report(loss).total_bytes
+        del model, loss, ledger
+    return out
+
+
+def run(args):
+    """Train as `args` says; returns a Result (meaningful on every rank, printed by rank 0)."""
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    import tempo_ds
+    from tempo_ds.deepspeed.config import TempoConfig
+    from tempo_ds.deepspeed.mpu import MegatronMPU
+    from tempo_ds.megatron.cpu import enable_cpu
+    from tempo_ds.training.models import build_model
+
+    _single_process_defaults()
+    on_cpu = not torch.cuda.is_available()
+    args.size = args.size or DEFAULT_SIZES[args.model][0 if on_cpu else 1]
+    args.seq_length = args.seq_length or (128 if on_cpu else (1024 if args.model == "gpt2" else 512))
+    args.steps = args.steps if args.steps is not None else (60 if on_cpu else 1000)
+    ds_config = build_ds_config(args, on_cpu)
+    # Validate "tempo" before anything slow happens; tempo_ds.initialize reads it again.
+    tempo = TempoConfig.parse(ds_config.get("tempo"))
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    if on_cpu:
+        enable_cpu()
+
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+    if not on_cpu:
+        torch.cuda.set_device(device)
+    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+    try:
+        return _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMPU, tempo_ds)
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMPU, tempo_ds):
+    from megatron.core import parallel_state as ps
+
+    _reseed(args.seed, 0)
+    mb = ds_config.get("train_micro_batch_size_per_gpu", 1)
+    gas = ds_config.get("gradient_accumulation_steps", 1)
+    dp = ps.get_data_parallel_world_size()
+    tokenizer, dataset = _data(args, args.seq_length, max(1, args.steps * gas * dp * mb))
+
+    torch.manual_seed(args.seed)
+    model, spec = build_model(args.model, args.size, args.seq_length, tokenizer.vocab_size, args.tp,
+                              tempo, dropout=args.dropout, bf16=bf16, on_cpu=on_cpu, nsp=args.nsp)
+    engine, _, _, _ = tempo_ds.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config, mpu=MegatronMPU())
+
+    result = Result(tempo=tempo.to_dict(), spec=spec)
+    load_from = args.load or (args.save if args.resume and _latest_checkpoint(args.save) else None)
+    if load_from:
+        path, client_state = engine.load_checkpoint(load_from)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {load_from}")
+        result.start_step = client_state["step"]
+        _say(f"tempo_ds: resumed from {path} at step {result.start_step}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(f"tempo_ds: {args.model} {args.size} ({n_params / 1e6:.2f}M params per TP rank), "
+         f"seq {args.seq_length}, micro-batch {mb} x accumulation {gas} x DP {dp}, TP {args.tp}, "
+         f"ZeRO {engine.zero_optimization_stage()}, {'bf16' if bf16 else 'fp32'} on {device.type}; "
+         f"Tempo {'ON' if tempo.enabled else 'OFF'} ({spec} spec){' ' + json.dumps(tempo.to_dict()) if tempo.enabled else ''}")
+
+    tokens_per_step = args.seq_length * mb * gas * dp
+    timed_tokens, timed_s = 0, 0.0
+    for step in range(result.start_step, args.steps):
+        _reseed(args.seed, step)
+        t0 = time.perf_counter()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(gas):
+            loss = _loss(args.model, engine, _batch(dataset, step, micro, gas, mb, device))
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().float() / gas
+        torch.distributed.all_reduce(step_loss, group=ps.get_data_parallel_group())
+        step_loss = step_loss.item() / dp
+        elapsed = time.perf_counter() - t0
+        # The first step pays for lazy initialization; tokens/s leaves it out.
+        if step > result.start_step:
+            timed_tokens, timed_s = timed_tokens + tokens_per_step, timed_s + elapsed
+        result.losses.append(step_loss)
+        if (step + 1) % args.log_interval == 0 or step + 1 == args.steps or step == result.start_step:
+            _say(f"step {step + 1:6d}/{args.steps} | loss {step_loss:.4f} | "
+                 f"{tokens_per_step / elapsed:,.0f} tokens/s | peak mem {_peak_memory(device) / 2**20:,.0f} MiB"
+                 f"{' (RSS)' if device.type == 'cpu' else ''} | tempo {'on' if tempo.enabled else 'off'}")
+        if args.save and args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < args.steps:
+            engine.save_checkpoint(args.save, tag=f"global_step{step + 1}", client_state={"step": step + 1})
+    result.steps = args.steps - result.start_step
+    if args.save and result.steps:
+        engine.save_checkpoint(args.save, tag=f"global_step{args.steps}", client_state={"step": args.steps})
+        _say(f"tempo_ds: saved DeepSpeed checkpoint to {args.save} (tag global_step{args.steps})")
+    result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
+    result.peak_memory_bytes = _peak_memory(device)
+
+    if args.summary:
+        batch = _batch(dataset, 0, 0, gas, mb, device)
+        del engine, model
+        result.activation_bytes = activation_bytes(args, tempo, tokenizer.vocab_size, batch, device, on_cpu)
+        _summary(result)
+    return result
+
+
+def _summary(result):
+    stock, ours = result.activation_bytes["stock"], result.activation_bytes["tempo"]
+    final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    _say("\n".join([
+        "=" * 72,
+        f"summary: {result.steps} steps (from step {result.start_step}), final loss {final}, "
+        f"{result.tokens_per_s:,.0f} tokens/s, peak memory {result.peak_memory_bytes / 2**20:,.0f} MiB",
+        f"Tempo {'ON' if result.tempo.get('enabled') else 'OFF'} ({result.spec} spec)",
+        f"activations saved for backward, one micro-batch, per rank: stock spec {stock:,} bytes, "
+        f"Tempo {ours:,} bytes ({100 * (1 - ours / stock):.1f}% less)" if stock else "",
+        "=" * 72,
+    ]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(message)s",
+                        stream=sys.stdout)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

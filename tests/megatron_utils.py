@@ -1,0 +1,84 @@
+"""Shared helpers for tests that build megatron-core models on CPU: tiny sizes, process groups,
+multi-process runs, and gathering tensor-parallel shards."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tempo_ds.memory import models
+
+# Small enough for seconds on 2 shared cores, large enough for 2 heads per TP rank at TP=2.
+TINY = dict(layers=2, hidden=64, heads=4)
+VOCAB = 128
+SEQ = 32
+BATCH = 2
+
+
+def init_single_process():
+    """One-process gloo group, TP=1, enable_cpu(); idempotent (the test session shares it)."""
+    models.init_distributed()
+
+
+def tiny_config(**overrides):
+    return models.model_config(**{**TINY, **overrides})
+
+
+def build(arch, spec, config, seed=0, attention="auto"):
+    """Model with weights drawn from `seed` (same seed, same weights for either spec)."""
+    torch.manual_seed(seed)
+    return models.build_model(arch, spec, config, vocab_size=VOCAB, max_seq=SEQ, attention=attention)
+
+
+def batch(arch, seed=0):
+    return models.make_batch(arch, BATCH, SEQ, VOCAB, seed=seed)
+
+
+def reseed(seed):
+    """Seed the default generator and megatron's RNG tracker (dropout draws from both)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def full_param(param, tensor=None, group=None):
+    """`tensor` (default: the parameter) all-gathered along the parameter's tensor-parallel
+    partition dim; unpartitioned parameters come back as they are."""
+    tensor = param.detach() if tensor is None else tensor
+    if not getattr(param, "tensor_model_parallel", False):
+        return tensor.clone()
+    from megatron.core import parallel_state
+    group = group or parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from tempo_ds.megatron import enable_cpu
+    enable_cpu()
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world_size, *args):
+    """Run fn(rank, world_size, *args) in `world_size` fresh processes joined by gloo.
+    fn must be importable (module level); an exception in any rank fails the call."""
+    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)

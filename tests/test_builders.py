@@ -1,0 +1,80 @@
+"""Every op family builds through our DeepSpeed op builders: the CPU ops are built and loaded,
+and every CUDA op is compiled (nvcc runs here without a GPU), so a broken kernel cannot land."""
+import os
+
+import pytest
+import torch
+
+from tempo_ds import report
+from tempo_ds.op_builder import FAMILIES, TempoCPUOpBuilder, TempoCUDAOpBuilder
+from tempo_ds.ops import _backend, reference
+
+CPU_BUILDERS = [pair[0] for pair in FAMILIES.values()]
+CUDA_BUILDERS = [pair[1] for pair in FAMILIES.values()]
+
+
+@pytest.mark.parametrize("cls", CPU_BUILDERS, ids=lambda c: c.NAME)
+def test_cpu_op_builds_and_exports_the_fallbacks_functions(cls):
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    builder = cls()
+    assert isinstance(builder, (OpBuilder, TempoCPUOpBuilder))
+    module = builder.load()
+    family = next(f for f, pair in FAMILIES.items() if pair[0] is cls)
+    # the compiled module and the PyTorch fallback offer the same kernels
+    expected = {k for k in vars(reference.FALLBACKS[family])}
+    assert expected <= set(dir(module)), expected - set(dir(module))
+    assert builder.is_built() and builder.is_loaded()
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="CPU-only torch build cannot compile CUDA")
+@pytest.mark.parametrize("cls", CUDA_BUILDERS, ids=lambda c: c.NAME)
+def test_cuda_op_compiles(cls, monkeypatch):
+    from deepspeed.ops.op_builder.builder import CUDAOpBuilder
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    builder = cls()
+    assert isinstance(builder, (CUDAOpBuilder, TempoCUDAOpBuilder))
+    assert builder.is_compatible(verbose=True), builder.error_log
+    module = builder.load()
+    family = next(f for f, pair in FAMILIES.items() if pair[1] is cls)
+    assert {k for k in vars(reference.FALLBACKS[family])} <= set(dir(module))
+
+
+def test_report_lists_every_op(capsys):
+    assert report.main([]) == 0
+    out = capsys.readouterr().out
+    for cpu_cls, cuda_cls in FAMILIES.values():
+        assert cpu_cls.NAME in out and cuda_cls.NAME in out
+
+
+def test_fallback_warns_once_and_keeps_the_contract(monkeypatch):
+    """A build failure in 'auto' mode warns once and serves the PyTorch implementation."""
+    monkeypatch.setenv("TEMPO_DS_OPS", "auto")
+    monkeypatch.setattr(_backend, "_cache", {})
+
+    def broken(self, verbose=False):
+        raise RuntimeError("no compiler")
+
+    cpu_cls = FAMILIES["core"][0]
+    monkeypatch.setattr(cpu_cls, "load", broken)
+    with pytest.warns(RuntimeWarning, match="could not build op tempo_core_cpu"):
+        first = _backend.ops("core", torch.device("cpu"))
+    assert not _backend.is_compiled(first)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.ops("core", torch.device("cpu")) is first
+
+
+def test_built_mode_raises_on_build_failure(monkeypatch):
+    monkeypatch.setenv("TEMPO_DS_OPS", "built")
+    monkeypatch.setattr(_backend, "_cache", {})
+    cpu_cls = FAMILIES["core"][0]
+    monkeypatch.setattr(cpu_cls, "load", lambda self, verbose=False: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        _backend.ops("core", torch.device("cpu"))
+
+
+def test_bad_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TEMPO_DS_OPS", "fast")
+    with pytest.raises(ValueError, match="TEMPO_DS_OPS"):
+        _backend.ops("core", torch.device("cpu"))

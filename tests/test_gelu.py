@@ -1,0 +1,249 @@
+"""In-place GELU: numerics against float64, the saving contract, and edge cases."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tempo_ds import ops
+from tempo_ds.memory import SavedTensorLedger
+from tempo_ds.modules import TempoGELU
+from tempo_ds.ops import _backend, reference
+
+from .numerics import DTYPES, assert_within_pytorch_error, max_err
+
+APPROX = ["none", "tanh"]
+X_STAR = {"none": reference.GELU_FORMS[False].x_star, "tanh": reference.GELU_FORMS[True].x_star}
+
+
+def gelu_inputs(n=1 << 14):
+    """Normal values, a dense band around the GELU minimum, the far left tail and large |x|."""
+    return torch.cat([
+        torch.randn(n) * 2,
+        -0.7518 + torch.linspace(-0.05, 0.05, n // 4),
+        torch.linspace(-12.0, -3.0, n // 8),
+        torch.tensor([-20.0, -8.0, -1e-3, 0.0, 1e-3, 8.0, 30.0, 1e4]),
+    ])
+
+
+def exact_output_based_grad(dy, y, x, approximate):
+    """dx in float64 from what Tempo keeps (the rounded y and the branch bit): the best any
+    output-based backward can do, i.e. our kernel's target."""
+    tanh_form = approximate == "tanh"
+    left = x.double() < reference.GELU_FORMS[tanh_form].x_star
+    d = reference.gelu_derivative_from_output(y.double(), left, tanh_form, steps=60)
+    return dy.double() * d
+
+
+def run_both(x, approximate, dy):
+    """(our y, our dx, PyTorch's y, PyTorch's dx, float64 y, float64 dx)."""
+    results = []
+    for fn, inp in ((ops.gelu, x), (F.gelu, x), (F.gelu, x.double())):
+        leaf = inp.detach().clone().requires_grad_()
+        out = fn(leaf, approximate=approximate)
+        out.backward(dy.to(out.dtype))
+        results += [out.detach(), leaf.grad]
+    return results
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_within_pytorch_error(dtype, approximate, poison):
+    x = gelu_inputs().to(dtype)
+    y = ops.gelu(x, approximate)
+    assert_within_pytorch_error(y, F.gelu(x, approximate=approximate),
+                                F.gelu(x.double(), approximate=approximate), "y")
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_exact_output_based_gradient(dtype, approximate, poison):
+    """Our dx against float64 math on the same saved (y, bit): within 2x PyTorch's own error."""
+    x = gelu_inputs().to(dtype)
+    dy = torch.randn_like(x)
+    y, dx, _, dx_pt, _, dx_ref = run_both(x, approximate, dy)
+    target = exact_output_based_grad(dy, y, x, approximate)
+    atol = torch.finfo(dtype).eps / 16 * float(target.abs().max())
+    ours = max_err(dx, target)
+    assert ours <= 2 * max_err(dx_pt, dx_ref) + atol
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_error_is_the_conditioning_of_the_output(dtype, approximate):
+    """Against the true float64 gradient, the only extra error is that of inverting a rounded
+    output near the minimum, where GELU' = 0: |dGELU'| <= sqrt(2 c h) for a rounding error h of
+    y, c = GELU''(x*). Away from the minimum the error stays near PyTorch's own."""
+    x = gelu_inputs().to(dtype)
+    dy = torch.ones_like(x)
+    y, dx, _, dx_pt, _, dx_ref = run_both(x, approximate, dy)
+    form = reference.GELU_FORMS[approximate == "tanh"]
+    half_ulp = torch.finfo(dtype).eps / 2 * abs(form.y_min)
+    bound = math.sqrt(2 * form.curvature * half_ulp)
+    err = (dx.double() - dx_ref).abs()
+    pt_max = max_err(dx_pt, dx_ref)
+    assert float(err.max()) <= bound + 2 * pt_max
+    far = (x.double() - form.x_star).abs() > 0.5
+    assert float(err[far].max()) <= 4 * pt_max + torch.finfo(dtype).eps / 16
+
+
+def test_bf16_gradient_rms_error_within_twice_pytorch():
+    """In bf16, Tempo's target precision, the overall gradient error is within 2x PyTorch's."""
+    x = (torch.randn(1 << 16) * 2).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    _, dx, _, dx_pt, _, dx_ref = run_both(x, "none", dy)
+    rms = lambda a: float((a.double() - dx_ref).pow(2).mean().sqrt())  # noqa: E731
+    assert rms(dx) <= 2 * rms(dx_pt)
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+def test_branch_bits_are_packed_and_mark_the_left_branch(approximate):
+    x = torch.tensor([-3.0, -0.9, -0.76, -0.74, -0.5, 0.0, 1.0, -2.0, -1.0])
+    kernels = _backend.ops("core", x.device)
+    y, bits = kernels.gelu_fwd(x, approximate == "tanh")
+    assert bits.dtype == torch.uint8 and bits.numel() == math.ceil(x.numel() / 8)
+    expected = reference.pack_bits(x < X_STAR[approximate])
+    assert torch.equal(bits, expected)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0, 5), (1,), (7,), (9,), (4, 1023), (2, 3, 1500)])
+def test_shapes_including_empty_and_ragged(shape, poison):
+    x = torch.randn(shape, requires_grad=True)
+    y = ops.gelu(x)
+    y.backward(torch.ones_like(y))
+    ref = x.detach().clone().requires_grad_()
+    F.gelu(ref).backward(torch.ones_like(y))
+    assert y.shape == x.shape
+    # atol: the fp32 conditioning bound near the minimum (see the conditioning test), 8e-5
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_non_contiguous_input():
+    base = torch.randn(64, 48, requires_grad=True)
+    x = base.t()[::2]
+    assert not x.is_contiguous()
+    y = ops.gelu(x)
+    y.backward(torch.ones_like(y))
+    ref = base.detach().clone().requires_grad_()
+    F.gelu(ref.t()[::2]).backward(torch.ones_like(y))
+    torch.testing.assert_close(y, F.gelu(x.detach()))
+    torch.testing.assert_close(base.grad, ref.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_nan_and_inf_propagate_like_pytorch():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], requires_grad=True)
+    ops.gelu(x).backward(torch.ones(4))
+    ref = x.detach().clone().requires_grad_()
+    F.gelu(ref).backward(torch.ones(4))
+    assert torch.isnan(x.grad[0])
+    torch.testing.assert_close(x.grad, ref.grad, equal_nan=True)
+
+
+def test_nan_gradient_is_never_zeroed():
+    x = torch.randn(100, requires_grad=True)
+    ops.gelu(x).backward(torch.full((100,), float("nan")))
+    assert torch.isnan(x.grad).all()
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_kernel_matches_pytorch_fallback(dtype, approximate, monkeypatch):
+    x = gelu_inputs(1 << 12).to(dtype)
+    dy = torch.randn_like(x)
+    compiled = _backend.ops("core", x.device)
+    fallback = reference.FALLBACKS["core"]
+    assert _backend.is_compiled(compiled)
+    tanh_form = approximate == "tanh"
+    y_c, bits_c = compiled.gelu_fwd(x, tanh_form)
+    y_f, bits_f = fallback.gelu_fwd(x, tanh_form)
+    assert torch.equal(bits_c, bits_f)
+    assert max_err(y_c, y_f) <= torch.finfo(dtype).eps * float(y_f.abs().max())
+    dx_c = compiled.gelu_bwd(dy, y_c, bits_c, tanh_form)
+    dx_f = fallback.gelu_bwd(dy, y_c, bits_c, tanh_form)
+    scale = float(dx_f.abs().max())
+    assert max_err(dx_c, dx_f) <= 2 * torch.finfo(dtype).eps * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_saves_output_and_packed_bits_only(dtype):
+    """Linear -> GELU -> Linear: stock keeps 2h + 8h + 8h elements-bytes per token in bf16 (fc1
+    input, GELU input, fc2 input); Tempo drops the GELU input (4h elements) and adds 4h/8 bytes."""
+    h, tokens = 64, 24
+    size = torch.finfo(dtype).bits // 8
+    fc1, fc2 = torch.nn.Linear(h, 4 * h).to(dtype), torch.nn.Linear(4 * h, h).to(dtype)
+    x = torch.randn(tokens, h, dtype=dtype, requires_grad=True)
+    stock = torch.nn.Sequential(fc1, torch.nn.GELU(), fc2)
+    tempo = torch.nn.Sequential(fc1, TempoGELU(), fc2)
+    saved = {}
+    for name, model in (("stock", stock), ("tempo", tempo)):
+        with SavedTensorLedger(model) as ledger:
+            out = model(x)
+        saved[name] = ledger.report(out)
+    assert saved["stock"].total_bytes == tokens * (h + 4 * h + 4 * h) * size
+    assert saved["tempo"].total_bytes == tokens * (h + 4 * h) * size + tokens * 4 * h // 8
+    assert saved["stock"].total_bytes - saved["tempo"].total_bytes == tokens * (4 * h * size - 4 * h // 8)
+    assert saved["tempo"].by_category()["gelu"] == tokens * 4 * h // 8
+
+
+def test_module_from_torch_and_repr():
+    for approximate in APPROX:
+        m = TempoGELU.from_torch(torch.nn.GELU(approximate=approximate))
+        assert m.approximate == approximate and repr(approximate) in repr(m)
+    with pytest.raises(TypeError, match="nn.GELU"):
+        TempoGELU.from_torch(torch.nn.ReLU())
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(TypeError, match="x must be"):
+        ops.gelu(torch.arange(4))
+    with pytest.raises(ValueError, match="approximate"):
+        ops.gelu(torch.randn(4), approximate="fast")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.gelu([1.0, 2.0])
+
+
+def _over_2_31(device):
+    """2^31 + 9 elements (4 GiB in bf16): the last ones sit beyond int32 offsets."""
+    n = (1 << 31) + 9
+    tail = torch.tensor([-2.0, -0.9, -0.5, 0.25, 1.0, 3.0, -0.1, 0.7, -4.0], dtype=torch.bfloat16)
+    try:
+        x = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    except (RuntimeError, MemoryError):
+        pytest.skip("not enough memory for a 2^31-element tensor")
+    x[-9:] = tail.to(device)
+    return x, tail.to(device)
+
+
+@pytest.mark.slow
+def test_forward_over_2_31_elements_cpu():
+    x, tail = _over_2_31("cpu")
+    kernels = _backend.ops("core", x.device)
+    y, bits = kernels.gelu_fwd(x, False)
+    assert bits.numel() == (x.numel() + 7) // 8
+    torch.testing.assert_close(y[-9:], F.gelu(tail))
+    assert int(bits[-1]) == int(bool(tail[-1] < X_STAR["none"]))
+
+
+@pytest.mark.gpu
+def test_forward_and_backward_over_2_31_elements_cuda():
+    x, tail = _over_2_31("cuda")
+    kernels = _backend.ops("core", x.device)
+    y, bits = kernels.gelu_fwd(x, False)
+    torch.testing.assert_close(y[-9:], F.gelu(tail))
+    dx = kernels.gelu_bwd(x, y, bits, False)  # dy = x: any values do
+    ref = tail.float().requires_grad_()
+    F.gelu(ref).backward(tail.float())
+    torch.testing.assert_close(dx[-9:].float(), ref.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu_kernel(dtype, approximate, poison):
+    x = gelu_inputs().to(dtype)
+    dy = torch.randn_like(x)
+    y_cpu, dx_cpu = run_both(x, approximate, dy)[:2]
+    y_gpu, dx_gpu = run_both(x.cuda(), approximate, dy.cuda())[:2]
+    eps = torch.finfo(dtype).eps
+    assert max_err(y_gpu.cpu(), y_cpu) <= eps * float(y_cpu.abs().max())
+    assert max_err(dx_gpu.cpu(), dx_cpu) <= 2 * eps * float(dx_cpu.abs().max())
