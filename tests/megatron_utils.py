@@ -53,7 +53,8 @@ def full_param(param, tensor=None, group=None):
     if not getattr(param, "tensor_model_parallel", False):
         return tensor.clone()
     from megatron.core import parallel_state
-    group = group or parallel_state.get_tensor_model_parallel_group()
+    if group is None:
+        group = parallel_state.get_tensor_model_parallel_group()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=param.partition_dim)

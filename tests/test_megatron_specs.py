@@ -75,11 +75,16 @@ def test_same_logits_loss_and_gradients_as_stock(arch, attention):
                (("stock", stock), ("tempo", tempo), ("ref", reference))}
     (s_loss, s_logits, s_grads), (t_loss, t_logits, t_grads), (r_loss, r_logits, r_grads) = (
         results["stock"], results["tempo"], results["ref"])
-    assert_within_pytorch_error(t_logits, s_logits, r_logits, "logits")
-    assert_within_pytorch_error(t_loss.float(), s_loss.float(), r_loss, "loss")
+    errors = {"logits": assert_within_pytorch_error(t_logits, s_logits, r_logits, "logits"),
+              "loss": assert_within_pytorch_error(t_loss.float(), s_loss.float(), r_loss, "loss")}
     assert set(t_grads) == set(s_grads) == set(r_grads)
+    worst = (0.0, 0.0)
     for name in s_grads:
-        assert_within_pytorch_error(t_grads[name], s_grads[name], r_grads[name], f"grad {name}")
+        ours, theirs = assert_within_pytorch_error(t_grads[name], s_grads[name], r_grads[name], f"grad {name}")
+        worst = max(worst, (ours, theirs))
+    errors["worst grad"] = worst
+    print(f"\n{arch}/{attention} max |x - fp64| tempo vs stock: " +
+          ", ".join(f"{k} {a:.2e} vs {b:.2e}" for k, (a, b) in errors.items()))
 
 
 # -- recomputation ------------------------------------------------------------------------------
@@ -231,3 +236,48 @@ def test_bert_spec_builds_with_tempo_attention():
     with pytest.raises(Exception):
         BertModel(config=config, transformer_layer_spec=spec, vocab_size=mu.VOCAB,
                   max_sequence_length=mu.SEQ, num_tokentypes=2)
+
+
+# -- the CPU switch -----------------------------------------------------------------------------
+def _patched_attributes():
+    from tempo_ds.megatron import cpu
+    out = []
+    for patch in cpu.PATCHES:
+        owner, name = cpu._resolve(patch)
+        out.append(owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name))
+    return out
+
+
+def test_enable_cpu_is_a_no_op_when_cuda_is_present(monkeypatch):
+    before = _patched_attributes()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    handle = tm.enable_cpu()
+    assert not handle.active
+    handle()
+    assert _patched_attributes() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="enable_cpu does nothing with CUDA")
+def test_enable_cpu_is_reversible_and_forks_the_cpu_generator():
+    from megatron.core.tensor_parallel import random as mrandom
+    from tempo_ds.megatron import cpu
+
+    active = tm.enable_cpu()
+    assert active.active and tm.enable_cpu() is active
+    assert _patched_attributes() == [p.replacement for p in cpu.PATCHES]
+    active()
+    try:
+        assert not tm.is_cpu_enabled()
+        assert all(a is not p.replacement for a, p in zip(_patched_attributes(), cpu.PATCHES))
+        with pytest.raises(RuntimeError):
+            mrandom._get_cuda_rng_state()
+    finally:
+        tm.enable_cpu()
+    # The tracker's fork draws from its own stream and leaves the default stream where it was.
+    mu.reseed(1)
+    outside = torch.rand(3)
+    mu.reseed(1)
+    with mrandom.get_cuda_rng_tracker().fork():
+        inside = torch.rand(3)
+    after = torch.rand(3)
+    assert torch.equal(after, outside) and not torch.equal(inside, outside)

@@ -1,4 +1,4 @@
-"""python -m tempo_ds.bench {ops,numerics} [options]"""
+"""python -m tempo_ds.bench {ops,numerics,train,convergence} [options]"""
 import argparse
 import sys
 
@@ -14,6 +14,9 @@ def main(argv=None):
     p_ops.add_argument("--reps", type=int, default=None)
     p_ops.add_argument("--json", default="bench_ops.json", help="where to write the results ('' for none)")
     sub.add_parser("numerics", help="GELU gradient error vs float64, next to PyTorch's")
+    from . import convergence, train
+    train.add_arguments(sub.add_parser("train", help="GPT-2 / BERT through DeepSpeed: memory, largest batch, throughput"))
+    convergence.add_arguments(sub.add_parser("convergence", help="loss curves, stock vs Tempo, on the embedded corpus"))
     args = parser.parse_args(argv)
     if args.command == "ops":
         from . import ops
@@ -21,6 +24,10 @@ def main(argv=None):
     if args.command == "numerics":
         from . import numerics
         return numerics.main(args)
+    if args.command == "train":
+        return train.main(args)
+    if args.command == "convergence":
+        return convergence.main(args)
     return 2
 
 

@@ -162,7 +162,8 @@ def enable_cpu():
     for patch in PATCHES:
         owner, name = _resolve(patch)
         # getattr on the class would bind methods; keep the raw attribute for an exact restore.
-        originals.append((owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)))
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        originals.append((owner, name, original))
         setattr(owner, name, patch.replacement)
     log_filter = _DropForkWarning()
     logging.getLogger(_RNG_LOGGER).addFilter(log_filter)
@@ -177,4 +178,5 @@ def disable_cpu():
 
 
 def is_cpu_enabled():
+    """True while enable_cpu()'s patches are installed."""
     return _ACTIVE is not None

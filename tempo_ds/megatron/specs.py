@@ -1,14 +1,17 @@
 """Megatron-core layer specs for GPT and BERT built from the Tempo modules.
 
     from tempo_ds.megatron import tempo_gpt_model_spec
-    config, layer_spec = tempo_gpt_model_spec(config)          # or get_gpt_layer_tempo_spec()
-    model = GPTModel(config=config, transformer_layer_spec=layer_spec, ...)
+    config, spec = tempo_gpt_model_spec(config)       # config and block spec, Tempo throughout
+    model = GPTModel(config=config, transformer_layer_spec=spec, ...)
 
-What changes against megatron.core's local specs (get_gpt_layer_local_spec, bert_layer_local_spec):
+get_gpt_layer_tempo_spec() / get_bert_layer_tempo_spec() are the drop-in layer specs; they need a
+config from apply_tempo_config(). What changes against megatron.core's local specs:
 
     submodule              stock (no apex, no TE)        Tempo                     saved for backward
     input/pre_mlp norm     torch.nn.LayerNorm / RMSNorm  TempoNorm                 output + stats, not input
-    core_attention         DotProductAttention           TempoCoreAttention        no s x s probs / masks
+    final norm (model spec) the same                     TempoNorm                 output + stats, not input
+    core_attention         DotProductAttention           TempoCoreAttention        flash: nothing s x s;
+                                                                                   tempo: softmax + a seed
     self_attn/mlp bda      get_bias_dropout_add          get_tempo_bias_dropout_add a seed, not a mask
     MLP activation         config.activation_func        Tempo GELU (via config)   output + 1 bit, not input
 
@@ -17,7 +20,8 @@ Every parameter keeps its name and shape, so a checkpoint of either spec loads i
 The activation is not part of a spec in megatron-core 0.16.1: MLP uses MLPSubmodules.activation_func
 only with Transformer Engine, otherwise config.activation_func, and only when
 bias_activation_fusion=False (the fused bias-GELU saves its input). apply_tempo_config() makes both
-settings; TempoTransformerLayer, which the specs use, refuses a config without them, so they cannot be forgotten.
+settings; TempoTransformerLayer, which the specs use, refuses a config without them, so they
+cannot be forgotten.
 """
 import dataclasses
 import functools
@@ -39,6 +43,8 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from ..ops import gelu
 from .bda import get_tempo_bias_dropout_add
+from .core_attention import PATHS as ATTENTION_PATHS
+from .core_attention import TempoCoreAttention
 from .norm import TempoNorm
 
 __all__ = [
@@ -46,8 +52,6 @@ __all__ = [
     "get_bert_layer_tempo_spec", "get_gpt_layer_tempo_spec", "tempo_bert_model_spec",
     "tempo_gelu", "tempo_gelu_tanh", "tempo_gpt_model_spec",
 ]
-
-ATTENTION_PATHS = ("auto", "flash", "tempo")
 
 
 # -- activation ---------------------------------------------------------------------------------
@@ -128,7 +132,6 @@ class TempoTransformerLayer(TransformerLayer):
 def _core_attention(attention):
     if attention not in ATTENTION_PATHS:
         raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_PATHS}")
-    from .core_attention import TempoCoreAttention
     return ModuleSpec(module=TempoCoreAttention, params={"path": attention})
 
 
@@ -248,7 +251,6 @@ def _first_layer_spec(spec):
 
 
 def _is_tempo_attention(core_attention):
-    from .core_attention import TempoCoreAttention
     module = getattr(core_attention, "module", core_attention)
     return isinstance(module, type) and issubclass(module, TempoCoreAttention)
 

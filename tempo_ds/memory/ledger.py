@@ -150,14 +150,15 @@ class SavedTensorLedger:
             self._records[key] = record
         return _Packed(t, record)
 
+    # records unpacked while _name_ops reads one node's saved tensors
+    _unpacked = []
+
     @staticmethod
     def _unpack(packed):
         if isinstance(packed, _Packed):
-            SavedTensorLedger._naming = packed.record
+            SavedTensorLedger._unpacked.append(packed.record)
             return packed.tensor
         return packed
-
-    _naming = None
 
     def __enter__(self):
         if self.model is not None:
@@ -187,14 +188,15 @@ class SavedTensorLedger:
             seen.add(node)
             op = re.sub(r"Backward\d*$", "", node.name())
             for tensor_getter in self._saved_getters(node):
-                SavedTensorLedger._naming = None
+                SavedTensorLedger._unpacked = []
                 try:
                     tensor_getter()
                 except RuntimeError:  # freed already (retain_graph=False after a backward)
                     continue
-                record = SavedTensorLedger._naming
-                if record is not None and record.op == "unknown":
-                    record.op = op
+                for record in SavedTensorLedger._unpacked:
+                    if record.op == "unknown":
+                        record.op = op
+            SavedTensorLedger._unpacked = []
             stack.extend(fn for fn, _ in node.next_functions)
 
     @staticmethod

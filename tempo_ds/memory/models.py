@@ -25,8 +25,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def init_distributed(tensor_parallel=1, sequence_parallel=False):
-    """Make a one-process gloo group (unless one exists) and megatron's parallel state.
+def init_distributed(tensor_parallel=1):
+    """Make a one-process group (gloo; nccl with CUDA) unless one exists, and megatron's parallel
+    state.
 
     On a machine without CUDA this also calls tempo_ds.megatron.enable_cpu() and seeds the RNG
     tracker, which megatron's model-parallel dropout and recomputation need.
@@ -38,7 +39,8 @@ def init_distributed(tensor_parallel=1, sequence_parallel=False):
     from ..megatron import enable_cpu
     enable_cpu()
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                 rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
@@ -121,6 +123,10 @@ def make_batch(arch, batch_size, seq, vocab_size, seed=0, device=None):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _at_least_fp32(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def forward_loss(arch, model, batch, return_logits=False):
     """Forward through the head; returns the mean loss (and the LM logits if asked).
 
@@ -137,9 +143,10 @@ def forward_loss(arch, model, batch, return_logits=False):
                                   tokentype_ids=batch["tokentype_ids"], lm_labels=labels)
     if return_logits:
         logits = lm
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+        loss = F.cross_entropy(_at_least_fp32(logits).reshape(-1, logits.shape[-1]),
+                               batch["labels"].reshape(-1))
     else:
-        logits, loss = None, lm.float().mean()
+        logits, loss = None, _at_least_fp32(lm).mean()
     if arch == "bert":
-        loss = loss + F.cross_entropy(binary_logits.float(), batch["sop_labels"])
+        loss = loss + F.cross_entropy(_at_least_fp32(binary_logits), batch["sop_labels"])
     return (loss, logits) if return_logits else loss

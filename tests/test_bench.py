@@ -1,0 +1,149 @@
+"""The evidence tooling: the batch search, the train benchmark's CPU configuration end to end, the
+convergence command. Nothing here is timed and nothing asserts a speed."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tempo_ds.bench import train
+from tempo_ds.bench.search import largest_fitting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _limit(limit, calls):
+    def fits(n):
+        assert n not in calls, f"{n} tried twice"
+        calls.append(n)
+        return n <= limit
+    return fits
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 16, 17, 37, 63, 64, 100, 1000])
+def test_search_finds_the_largest_that_fits(limit):
+    calls = []
+    result = largest_fitting(_limit(limit, calls), start=1)
+    assert result.largest == limit and not result.capped
+    assert result.trials == [(n, n <= limit) for n in calls]
+    # doubling to the first failure, then bisection
+    assert len(calls) <= 2 * limit.bit_length() + 1
+
+
+def test_search_nothing_fits():
+    result = largest_fitting(_limit(0, []), start=1)
+    assert result.largest == 0 and result.trials == [(1, False)]
+
+
+def test_search_stops_at_the_cap():
+    calls = []
+    result = largest_fitting(_limit(10 ** 6, calls), start=1, cap=12)
+    assert (result.largest, result.capped) == (12, True)
+    assert calls == [1, 2, 4, 8, 12]
+    # a limit under the cap is still found exactly
+    assert largest_fitting(_limit(9, []), cap=12).largest == 9
+
+
+def test_search_rejects_bad_bounds():
+    with pytest.raises(ValueError):
+        largest_fitting(lambda n: True, start=0)
+    with pytest.raises(ValueError):
+        largest_fitting(lambda n: True, start=8, cap=4)
+
+
+def test_units_flops_and_peaks():
+    assert train.parse_bytes("16GiB") == 16 * 2 ** 30
+    assert train.parse_bytes("512 MiB") == 512 * 2 ** 20
+    assert train.parse_bytes("2e9") == 2 * 10 ** 9
+    with pytest.raises(ValueError):
+        train.parse_bytes("16 parsecs")
+    assert train.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert train.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert train.bf16_peak_flops("Some Future GPU") is None
+    # GPT-2 345M-like: 6N dominates; the attention term is 12 L h s
+    assert train.flops_per_token(1000, 2, 8, 16) == 6000 + 12 * 2 * 8 * 16
+
+
+def _report(model, budget, rows):
+    """A report with the fields check_targets reads."""
+    results = []
+    for variant, (act, largest, sps) in rows.items():
+        results.append({"variant": variant, "activation_per_sample_allocator_bytes": act,
+                        "largest_micro_batch": largest, "best": {"samples_per_s": sps}})
+    return {"config": {"model": model, "memory_budget": budget, "cpu_sized": False, "common_mb": 8},
+            "results": results}
+
+
+def test_targets_are_judged_from_the_report():
+    report = _report("gpt2", None, {"stock": (400, 16, 40.0), "selective": (130, 50, 30.0),
+                                    "tempo-flash": (90, 70, 65.0)})
+    verdicts = {name: (round(ratio, 3), met) for name, ratio, _, met in train.check_targets(report)}
+    assert verdicts["tempo-flash / stock: activation bytes/sample (allocator)"] == (0.225, True)
+    assert verdicts["tempo-flash / stock: largest micro-batch"] == (4.375, True)
+    assert verdicts["tempo-flash / stock: samples/s at own largest micro-batch"] == (1.625, True)
+    assert verdicts["tempo-flash / selective: samples/s at own largest micro-batch"] == (2.167, True)
+    budgeted = _report("bert", 16 * 2 ** 30, {"stock": (1, 4, 100.0), "tempo-flash": (1, 12, 110.0)})
+    (name, ratio, _, met), = train.check_targets(budgeted)
+    assert "under the budget" in name and met is False
+
+
+def test_train_benchmark_cpu_end_to_end(tmp_path):
+    """The CPU-sized configuration: two variants, each in its own process, JSON/CSV written."""
+    out = tmp_path / "out"
+    env = dict(os.environ, TEMPO_DS_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "tempo_ds.bench", "train", "--variants", "stock", "tempo",
+           "--steps", "1", "--warmup-steps", "0", "--max-micro-batch", "2", "--seq-length", "32",
+           "--out", str(out), "--no-plots"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert "CPU-sized configuration" in proc.stdout and "no GPU" in proc.stderr
+    assert "[stock]" in proc.stderr and "search mb 2: fits" in proc.stderr
+
+    report = json.loads((out / "train_gpt2_tiny_s32_cpu.json").read_text())
+    assert set(report) >= {"machine", "config", "results", "tag"}
+    assert report["machine"]["git_sha"] and report["config"]["cpu_sized"] is True
+    stock, tempo = report["results"]
+    assert (stock["variant"], tempo["variant"]) == ("stock", "tempo")
+    for r in (stock, tempo):
+        assert r["largest_micro_batch"] == 2 and r["search_capped"] is True
+        assert r["search_trials"] == [[1, True], [2, True]]
+        assert r["ledger"]["total_bytes"] > 0 and r["ledger"]["by_category"]
+        assert r["activation_per_sample_allocator_bytes"] is None  # no allocator figures on CPU
+        assert len(r["common"]["losses"]) == 1
+    assert tempo["attention_ran"] == ["tempo"]
+    # Same weights and data: the layers keep fewer bytes; the head (whose only Tempo module is the
+    # final norm) no more.
+    assert tempo["ledger"]["layers_bytes"] < stock["ledger"]["layers_bytes"]
+    assert tempo["ledger"]["head_bytes"] <= stock["ledger"]["head_bytes"]
+
+    with open(out / "train_gpt2_tiny_s32_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["stock", "tempo"]
+    assert {"activation_per_sample_ledger_bytes", "activation_per_sample_allocator_bytes",
+            "largest_micro_batch", "peak_at_largest_bytes", "best_samples_per_s", "best_mfu",
+            "first_loss", "last_loss"} <= set(rows[0])
+
+    # The table comes back from the JSON alone (how a GPU machine's results are redrawn here).
+    again = subprocess.run([sys.executable, "-m", "tempo_ds.bench", "train", "--from-json",
+                            str(out / "train_gpt2_tiny_s32_cpu.json"), "--out", str(tmp_path / "again"),
+                            "--no-plots"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "ledger by op category" in again.stdout
+
+
+def test_convergence_command(tmp_path):
+    env = dict(os.environ, TEMPO_DS_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "tempo_ds.bench", "convergence", "--models", "gpt2", "--steps", "3",
+           "--micro-batch", "2", "--seq-length", "32", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    (result,) = json.loads((tmp_path / "convergence.json").read_text())["results"]
+    curves = result["curves"]
+    assert set(curves) == {"stock", "tempo", "stock (other dropout seed)"}
+    assert all(len(c) == 3 for c in curves.values())
+    # Same weights, same data, same dropout seed: the first stock losses agree exactly; another
+    # dropout seed (or Tempo's own dropout stream) moves them.
+    assert result["max_diff_seed"] > 0 and result["max_diff_tempo"] >= 0
+    assert "max |stock-tempo|" in proc.stdout
