@@ -98,11 +98,12 @@ else
   # Under 16 GiB the stock 345M model holds only a couple of samples at s=1024.
   gpt_budget_mb=(--common-micro-batch 2) bert_budget_mb=(--common-micro-batch 8)
 fi
-train() { python3 -m tempo_ds.bench train --out "$results" "${size[@]}" "$@"; }
-stage train-gpt2 170 train --model gpt2
-stage train-bert 130 train --model bert
-stage train-gpt2-16GiB 110 train --model gpt2 --memory-budget 16GiB --variants "${budget_order[@]}" "${gpt_budget_mb[@]}"
-stage train-bert-16GiB 90 train --model bert --memory-budget 16GiB --variants "${budget_order[@]}" "${bert_budget_mb[@]}"
+# (timeout runs programs, not shell functions: the command is spelled out as an array)
+train=(python3 -m tempo_ds.bench train --out "$results" "${size[@]}")
+stage train-gpt2 170 "${train[@]}" --model gpt2
+stage train-bert 130 "${train[@]}" --model bert
+stage train-gpt2-16GiB 110 "${train[@]}" --model gpt2 --memory-budget 16GiB --variants "${budget_order[@]}" "${gpt_budget_mb[@]}"
+stage train-bert-16GiB 90 "${train[@]}" --model bert --memory-budget 16GiB --variants "${budget_order[@]}" "${bert_budget_mb[@]}"
 
 note "total $(( SECONDS - start ))s; results in $results"
 if [ -n "${OUT:-}" ] && [ "$(cd "$out" && pwd)" = "$(cd "$OUT" && pwd)" ]; then

@@ -18,8 +18,6 @@ import json
 import os
 import sys
 
-import torch
-
 from .machine import header, machine_info
 from .train import Batches, Variant, build_engine, setup_distributed, train_step
 

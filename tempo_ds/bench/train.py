@@ -667,8 +667,9 @@ def format_report(report):
         if ledger:
             mb = ledger["micro_batch"]
             cats = ", ".join(f"{k} {v / mb / MiB:,.2f}" for k, v in ledger["by_category"].items())
-            lines.append(f"  {r['variant']:<12} head {ledger['head_bytes'] / mb / MiB:,.2f} of "
-                         f"{ledger['total_bytes'] / mb / MiB:,.2f} | {cats}")
+            per_layer = ledger["layers_bytes"] / (mb * cfg["seq"] * cfg["layers"])
+            lines.append(f"  {r['variant']:<12} layers {per_layer:,.0f} B/token/layer, head "
+                         f"{ledger['head_bytes'] / mb / MiB:,.2f} of {ledger['total_bytes'] / mb / MiB:,.2f} | {cats}")
     targets = check_targets(report)
     if targets:
         lines.append("targets (H100 bf16):" + (" not judged on a CPU-sized run" if cfg["cpu_sized"] else ""))
