@@ -60,7 +60,7 @@ def full_param(param, tensor=None, group=None):
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,4 +82,4 @@ def _worker(rank, world_size, port, fn, args):
 def spawn(fn, world_size, *args):
     """Run fn(rank, world_size, *args) in `world_size` fresh processes joined by gloo.
     fn must be importable (module level); an exception in any rank fails the call."""
-    mp.spawn(_worker, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

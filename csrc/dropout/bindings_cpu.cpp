@@ -5,6 +5,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("set_poison", [](bool on) { tempo::poison_outputs() = on; }, "Fill fresh outputs with NaN (tests)");
     m.def("dropout_fwd", &tempo::cpu::dropout_fwd, "Seeded dropout; with the same seed also its backward");
     m.def("dropout_mask", &tempo::cpu::dropout_mask, "The keep mask of a seed (debugging)");
+    m.def("dropout_mask_block", &tempo::cpu::dropout_mask_block, "The keep mask of a strided block of a tensor");
     m.def("bias_dropout_add_fwd", &tempo::cpu::bias_dropout_add_fwd, "residual + dropout(x + bias)");
     m.def("softmax_dropout_fwd", &tempo::cpu::softmax_dropout_fwd, "Scale-mask-softmax and dropout: (probs, dropped)");
     m.def("softmax_dropout_regen", &tempo::cpu::softmax_dropout_regen, "dropout(probs) regenerated from the seed");

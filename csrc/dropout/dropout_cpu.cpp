@@ -78,6 +78,36 @@ at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p) {
     return mask;
 }
 
+at::Tensor dropout_mask_block(const at::Tensor& seed, double p, int64_t offset, int64_t outer,
+                              int64_t outer_stride, int64_t rows, int64_t row_stride, int64_t cols) {
+    detail::check_seed(seed, seed, "dropout_mask_block");
+    detail::check_p(p, "dropout_mask_block");
+    TORCH_CHECK(offset >= 0 && outer >= 0 && rows >= 0 && cols >= 0 && outer_stride >= 0 && row_stride >= 0,
+                "dropout_mask_block: offset, sizes and strides must be non-negative");
+    auto mask = at::empty({outer, rows, cols}, seed.options().dtype(at::kBool));
+    bool* out = mask.data_ptr<bool>();
+    const DropoutParams d = make_dropout_params(read_seed(seed), p);
+    // one work item is one row; a row reuses each Philox group for its (up to) four elements
+    at::parallel_for(0, outer * rows, std::max<int64_t>(1, kGroupGrain * 4 / std::max<int64_t>(cols, 1)),
+                     [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+            const int64_t base = offset + (row / rows) * outer_stride + (row % rows) * row_stride;
+            bool* dst = out + row * cols;
+            int64_t group = -1;
+            uint32_t keep = 0;
+            for (int64_t c = 0; c < cols; ++c) {
+                const int64_t i = base + c;
+                if ((i >> 2) != group) {
+                    group = i >> 2;
+                    keep = dropout_keep_bits(d, group);
+                }
+                dst[c] = (keep >> (i & 3)) & 1u;
+            }
+        }
+    });
+    return mask;
+}
+
 at::Tensor bias_dropout_add_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& residual, const at::Tensor& seed, double p) {
     TORCH_CHECK(x.is_contiguous() && residual.is_contiguous(), "bias_dropout_add_fwd: x and residual must be contiguous");

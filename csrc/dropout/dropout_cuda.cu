@@ -56,6 +56,17 @@ __global__ void dropout_mask_kernel(bool* __restrict__ mask,  // [n]
     }
 }
 
+// mask: [outer, rows, cols]; entry (o, r, c) is element offset + o * outer_stride + r * row_stride + c.
+__global__ void dropout_mask_block_kernel(bool* __restrict__ mask, const int64_t* __restrict__ seed, double p,
+                                          int64_t offset, int64_t rows, int64_t outer_stride, int64_t row_stride,
+                                          int64_t cols, int64_t n) {
+    const DropoutParams d = make_dropout_params(*seed, p);
+    for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t row = e / cols, c = e % cols;
+        mask[e] = dropout_keep(d, offset + (row / rows) * outer_stride + (row % rows) * row_stride + c);
+    }
+}
+
 template <typename scalar_t>
 __global__ void bias_dropout_add_kernel(const scalar_t* __restrict__ x,         // [n]
                                         const scalar_t* __restrict__ bias,      // [h] or nullptr
@@ -106,6 +117,23 @@ at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p) {
     if (n == 0) return mask;
     dropout_mask_kernel<<<grid_for((n + 3) / 4), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         mask.data_ptr<bool>(), seed.data_ptr<int64_t>(), p, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return mask;
+}
+
+at::Tensor dropout_mask_block(const at::Tensor& seed, double p, int64_t offset, int64_t outer,
+                              int64_t outer_stride, int64_t rows, int64_t row_stride, int64_t cols) {
+    TORCH_CHECK(seed.is_cuda(), "dropout_mask_block: seed must be a CUDA tensor");
+    detail::check_seed(seed, seed, "dropout_mask_block");
+    detail::check_p(p, "dropout_mask_block");
+    TORCH_CHECK(offset >= 0 && outer >= 0 && rows >= 0 && cols >= 0 && outer_stride >= 0 && row_stride >= 0,
+                "dropout_mask_block: offset, sizes and strides must be non-negative");
+    const c10::cuda::CUDAGuard guard(seed.device());
+    auto mask = at::empty({outer, rows, cols}, seed.options().dtype(at::kBool));
+    const int64_t n = mask.numel();
+    if (n == 0) return mask;
+    dropout_mask_block_kernel<<<grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        mask.data_ptr<bool>(), seed.data_ptr<int64_t>(), p, offset, rows, outer_stride, row_stride, cols, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return mask;
 }

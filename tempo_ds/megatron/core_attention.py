@@ -2,12 +2,17 @@
 
 It takes DotProductAttention's constructor and forward, and runs one of two paths:
 
-  flash  torch.nn.functional.scaled_dot_product_attention: on GPU the flash / memory-efficient
-         kernels keep q, k, v, the output and a [b, np, sq] fp32 logsumexp, with dropout inside the
-         kernel (Philox state, no mask): nothing of size s x s. On CPU PyTorch runs its math
-         kernel when dropout is on, which keeps the s x s softmax and a dropout mask; with dropout
-         off it runs its CPU flash kernel (no s x s tensor). The autograd node names which kernel
-         ran (ScaledDotProductFlashAttention..., ...EfficientAttention..., or the math ops).
+  flash  keeps nothing of size s x s, by one of two means (last_path says which ran):
+         "flash:sdpa"       torch.nn.functional.scaled_dot_product_attention when it will run a
+                            fused kernel (flash / memory-efficient / cuDNN on GPU, the CPU flash
+                            kernel with dropout off): q, k, v, the output and a [b, np, sq] fp32
+                            logsumexp, dropout from the kernel's Philox state. Autograd node
+                            ScaledDotProduct{Flash,Efficient,...}AttentionBackward.
+         "flash:recompute"  tempo_ds.ops.recompute_attention wherever SDPA would fall back to its
+                            math kernel (CPU with dropout on; unsupported shapes or dtypes on GPU),
+                            which keeps the s x s softmax and a dropout mask: q, k, v, the fp32
+                            logsumexp and a seed, the dropout mask regenerated from the seed by
+                            Tempo's Philox kernels. Autograd node RecomputeAttentionFunctionBackward.
   tempo  tempo_ds.ops.softmax_dropout_matmul: Megatron's exact unfused arithmetic (scores from
          baddbmm in the activation dtype, fp32 scale-mask-softmax with the -10000 fill, bf16
          probabilities into @v), keeping the softmax output in the activation dtype (2 bytes per
@@ -28,13 +33,30 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from ..ops.attention import softmax_dropout_matmul
+from ..ops.flash import recompute_attention
 
 PATHS = ("auto", "flash", "tempo")
+
+
+def sdpa_runs_fused_kernel(q, k, v, p, causal, scale, enable_gqa):
+    """True when F.scaled_dot_product_attention(q, k, v, ...) picks a kernel that keeps nothing of
+    size sq x sk (flash, memory-efficient, cuDNN), False when it would run its math kernel.
+
+    Asks SDPA's own dispatcher (torch._fused_sdp_choice, the function SDPA calls), so the answer
+    follows the installed torch and the enabled backends. That function is private: where it is
+    missing, assume what torch 2.x does, fused on CUDA and, on CPU, fused only without dropout.
+    """
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, None, p, causal, scale=scale, enable_gqa=enable_gqa)
+    except (AttributeError, TypeError):
+        return q.device.type == "cuda" or p == 0.0
+    return choice not in (SDPBackend.MATH.value, SDPBackend.ERROR.value)
 
 
 class TempoCoreAttention(DotProductAttention):
@@ -98,7 +120,7 @@ class TempoCoreAttention(DotProductAttention):
                              "must be [s, b, heads, hn] with key/value heads dividing query heads")
         p = self.dropout_p if self.training else 0.0
         path = self._choose_path(mask_type, attention_mask, attention_bias, sq, sk)
-        self.last_path = path
+        self.last_path = path  # refined to "flash:sdpa" / "flash:recompute" by _flash
         fork = (tensor_parallel.get_cuda_rng_tracker().fork() if p > 0.0 and not self.config.sequence_parallel
                 else contextlib.nullcontext())
         with fork:
@@ -115,10 +137,15 @@ class TempoCoreAttention(DotProductAttention):
         # it back in fp32 inside the softmax: the net scale is the same.
         scale = self.softmax_scale * (self.qk_coeff if self.qk_coeff is not None else 1.0)
         causal = mask_type == AttnMaskType.causal and sq > 1
-        grouped = {"enable_gqa": True} if query.shape[2] != key.shape[2] else {}
-        return F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-            dropout_p=p, is_causal=causal, scale=scale, **grouped)
+        gqa = query.shape[2] != key.shape[2]
+        # [s, b, heads, hn] -> [b, heads, s, hn]: views of the QKV projection output, no copy
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if sdpa_runs_fused_kernel(q, k, v, p, causal, scale, gqa):
+            self.last_path = "flash:sdpa"
+            grouped = {"enable_gqa": True} if gqa else {}
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal, scale=scale, **grouped)
+        self.last_path = "flash:recompute"
+        return recompute_attention(q, k, v, p=p, scale=scale, causal=causal)
 
     def _tempo(self, query, key, value, attention_mask, mask_type, p):
         sq, b, heads, hn = query.shape
@@ -137,4 +164,4 @@ class TempoCoreAttention(DotProductAttention):
                                       scale=self.qk_coeff, softmax_in_fp32=self.keep_fp32_softmax, causal=causal)
 
 
-__all__ = ["PATHS", "TempoCoreAttention"]
+__all__ = ["PATHS", "TempoCoreAttention", "sdpa_runs_fused_kernel"]

@@ -61,7 +61,7 @@ def measure_spec(arch, spec, args):
         "bytes_per_token_per_layer": layer_bytes / (args.layers * tokens),
         "layer_by_category": _by_category(layer_records),
         "head_by_category": _by_category(head_records),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
 
 

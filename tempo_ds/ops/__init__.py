@@ -2,11 +2,13 @@
 from .attention import SoftmaxDropoutMatmulFunction, softmax_dropout_matmul
 from .dropout import (BiasDropoutAddFunction, DropoutFunction, bias_dropout_add, dropout, dropout_mask_hook,
                       record_dropout_masks)
+from .flash import RecomputeAttentionFunction, recompute_attention
 from .gelu import GeluFunction, gelu
 from .norm import LayerNormFunction, RMSNormFunction, layer_norm, rms_norm
 
 __all__ = [
     "BiasDropoutAddFunction", "DropoutFunction", "GeluFunction", "LayerNormFunction", "RMSNormFunction",
-    "SoftmaxDropoutMatmulFunction", "bias_dropout_add", "dropout", "dropout_mask_hook", "gelu",
-    "layer_norm", "record_dropout_masks", "rms_norm", "softmax_dropout_matmul",
+    "RecomputeAttentionFunction", "SoftmaxDropoutMatmulFunction", "bias_dropout_add", "dropout",
+    "dropout_mask_hook", "gelu",
+    "layer_norm", "recompute_attention", "record_dropout_masks", "rms_norm", "softmax_dropout_matmul",
 ]

@@ -70,6 +70,20 @@ def dropout_mask(seed, n, p):
     return keep_mask(seed, n, p)
 
 
+def dropout_mask_block(seed, p, offset, outer, outer_stride, rows, row_stride, cols):
+    """bool [outer, rows, cols]: entry (o, r, c) is element offset + o*outer_stride + r*row_stride + c
+    of keep_mask(seed, ., p)."""
+    device = seed.device
+    index = (offset + torch.arange(outer, dtype=torch.int64, device=device).view(-1, 1, 1) * outer_stride
+             + torch.arange(rows, dtype=torch.int64, device=device).view(1, -1, 1) * row_stride
+             + torch.arange(cols, dtype=torch.int64, device=device).view(1, 1, -1))
+    # one Philox call per distinct group, then each element picks its word
+    groups, inverse = torch.unique(index >> 2, return_inverse=True)
+    key = int(seed.item()) & 0xFFFFFFFFFFFFFFFF
+    words = philox4x32_10(groups, key)[inverse, index & 3]
+    return words >= dropout_threshold(p)
+
+
 def bias_dropout_add_fwd(x, bias, residual, seed, p):
     acc = _acc(x.dtype)
     v = x.to(acc).view(-1, bias.numel()) + bias.to(acc) if bias is not None else x.to(acc)
@@ -119,6 +133,7 @@ def register(fallbacks):
     """Add the dropout family to reference.FALLBACKS."""
     from .reference import Fallback
     fallbacks["dropout"] = Fallback(
-        dropout_fwd=dropout_fwd, dropout_mask=dropout_mask, bias_dropout_add_fwd=bias_dropout_add_fwd,
+        dropout_fwd=dropout_fwd, dropout_mask=dropout_mask, dropout_mask_block=dropout_mask_block,
+        bias_dropout_add_fwd=bias_dropout_add_fwd,
         softmax_dropout_fwd=softmax_dropout_fwd, softmax_dropout_regen=softmax_dropout_regen,
         softmax_dropout_bwd=softmax_dropout_bwd)

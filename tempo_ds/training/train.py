@@ -88,8 +88,10 @@ def _single_process_defaults():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Without RANK no launcher set this process up, so a MASTER_PORT in the environment is a
+    # leftover of some other process group: take a free port instead.
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+                      MASTER_PORT=str(port))
 
 
 def _say(message):

@@ -19,6 +19,12 @@
     at::Tensor dropout_fwd(const at::Tensor& x, const at::Tensor& seed, double p);                 \
     /* Returns the keep mask, bool [n] on seed's device (debugging and tests only). */             \
     at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p);                          \
+    /* The keep mask of a block of a larger tensor, bool [outer, rows, cols]: entry (o, r, c) is   \
+       element offset + o * outer_stride + r * row_stride + c of dropout_mask(seed, ., p), so a   \
+       chunked op regenerates exactly the mask of the whole tensor (recompute_attention). */      \
+    at::Tensor dropout_mask_block(const at::Tensor& seed, double p, int64_t offset, int64_t outer,  \
+                                  int64_t outer_stride, int64_t rows, int64_t row_stride,          \
+                                  int64_t cols);                                                   \
     /* x, residual: [n]; bias: [h] with n % h == 0. Returns residual + dropout(x + bias). */       \
     at::Tensor bias_dropout_add_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,    \
                                     const at::Tensor& residual, const at::Tensor& seed, double p); \

@@ -71,4 +71,7 @@ TEMPO_HD uint32_t dropout_keep_bits(const DropoutParams& d, int64_t group) {
            (static_cast<uint32_t>(r.w[2] >= d.threshold) << 2) | (static_cast<uint32_t>(r.w[3] >= d.threshold) << 3);
 }
 
+// Keep-bit of element i alone, for kernels whose blocks need not start on a group boundary.
+TEMPO_HD bool dropout_keep(const DropoutParams& d, int64_t i) { return (dropout_keep_bits(d, i >> 2) >> (i & 3)) & 1u; }
+
 }  // namespace tempo
