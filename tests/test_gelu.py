@@ -247,3 +247,13 @@ def test_cuda_matches_cpu_kernel(dtype, approximate, poison):
     eps = torch.finfo(dtype).eps
     assert max_err(y_gpu.cpu(), y_cpu) <= eps * float(y_cpu.abs().max())
     assert max_err(dx_gpu.cpu(), dx_cpu) <= 2 * eps * float(dx_cpu.abs().max())
+
+
+def test_kernel_rejects_inconsistent_saved_tensors():
+    """Direct calls into the extension check what they read, so a short `bits` cannot be overrun."""
+    kernels = _backend.ops("core", torch.device("cpu"))
+    y, bits = kernels.gelu_fwd(torch.randn(17), False)
+    with pytest.raises(RuntimeError, match="bits must be uint8"):
+        kernels.gelu_bwd(torch.ones(17), y, bits[:-1], False)
+    with pytest.raises(RuntimeError, match="dy must match y"):
+        kernels.gelu_bwd(torch.ones(16), y, bits, False)
