@@ -17,7 +17,8 @@ GELU_FORMS = {
     True: SimpleNamespace(x_star=-0.75246142207101630, y_min=-0.17004075057125403,
                           curvature=0.43040009102485854),
 }
-GELU_NEWTON_STEPS = 5
+# Newton steps by compute dtype, as gelu_newton_steps<T>() in tempo/gelu.h
+GELU_NEWTON_STEPS = {torch.float32: 3, torch.float64: 5}
 GELU_TAIL_THRESHOLD = -0.05
 GELU_NEAR_MINIMUM = 1e-3
 _K = math.sqrt(2.0 / math.pi)
@@ -43,12 +44,13 @@ def _gelu_tail_start(log_neg_y, tanh_form):
     return -torch.sqrt(torch.clamp(-2 * log_neg_y - math.log(2 * math.pi), min=0))
 
 
-def gelu_derivative_from_output(y, left, tanh_form, steps=GELU_NEWTON_STEPS):
+def gelu_derivative_from_output(y, left, tanh_form, steps=None):
     """GELU'(x) for the x with GELU(x) = y, left of the minimum where `left` is set.
 
     Vectorised form of tempo::gelu_derivative_from_output (csrc/includes/tempo/gelu.h); run in
     float64 with many steps it is the exact output-based derivative that tests compare with.
     """
+    steps = GELU_NEWTON_STEPS[y.dtype] if steps is None else steps
     form = GELU_FORMS[tanh_form]
     target = torch.sqrt(torch.clamp(y - form.y_min, min=0))
     spread = 1.0 / math.sqrt(0.5 * form.curvature)
