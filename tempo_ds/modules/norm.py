@@ -23,6 +23,21 @@ def _single_feature_dim(normalized_shape, cls_name):
     return shape
 
 
+def _torch_norm_supported(cls, module, stock_cls, strict):
+    """Check that `module` is a `stock_cls` over one trailing dimension, as from_torch needs.
+
+    Returns False (leave it stock) for several trailing dimensions when strict=False.
+    """
+    if not isinstance(module, stock_cls):
+        raise TypeError(f"{cls.__name__}.from_torch expects nn.{stock_cls.__name__}, got {type(module).__name__}")
+    if len(module.normalized_shape) != 1:
+        if strict:
+            raise ValueError(f"{cls.__name__} normalises over the last dimension only; this "
+                             f"{stock_cls.__name__} has normalized_shape {tuple(module.normalized_shape)}")
+        return False
+    return True
+
+
 def _check_last_dim(x, shape, cls_name):
     if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[-1] != shape[0]):
         raise ValueError(f"{cls_name}: x must have last dimension {shape[0]} (normalized_shape), "
@@ -74,12 +89,7 @@ class TempoLayerNorm(nn.Module):
         A LayerNorm over several trailing dimensions raises ValueError, or returns None when
         strict=False (the swap table uses that to leave it stock).
         """
-        if not isinstance(module, nn.LayerNorm):
-            raise TypeError(f"{cls.__name__}.from_torch expects nn.LayerNorm, got {type(module).__name__}")
-        if len(module.normalized_shape) != 1:
-            if strict:
-                raise ValueError(f"{cls.__name__} normalises over the last dimension only; this "
-                                 f"LayerNorm has normalized_shape {tuple(module.normalized_shape)}")
+        if not _torch_norm_supported(cls, module, nn.LayerNorm, strict):
             return None
         new = cls(module.normalized_shape, module.eps, elementwise_affine=False, bias=False,
                   recover_check=recover_check)
@@ -128,12 +138,7 @@ class TempoRMSNorm(nn.Module):
         An RMSNorm over several trailing dimensions raises ValueError, or returns None when
         strict=False.
         """
-        if not isinstance(module, nn.RMSNorm):
-            raise TypeError(f"{cls.__name__}.from_torch expects nn.RMSNorm, got {type(module).__name__}")
-        if len(module.normalized_shape) != 1:
-            if strict:
-                raise ValueError(f"{cls.__name__} normalises over the last dimension only; this "
-                                 f"RMSNorm has normalized_shape {tuple(module.normalized_shape)}")
+        if not _torch_norm_supported(cls, module, nn.RMSNorm, strict):
             return None
         new = cls(module.normalized_shape, module.eps, elementwise_affine=False, recover_check=recover_check)
         new.elementwise_affine = module.elementwise_affine

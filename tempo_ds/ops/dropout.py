@@ -71,6 +71,12 @@ def report_mask(op_name, kernels, seed, shape, p):
         hook(op_name, mask)
 
 
+def _apply_mask(kernels, t, seed, p):
+    """t * keep / (1 - p) with the mask of `seed`: dropout's forward, and the backward of every
+    op here, whose gradient is the same mask and scale applied to the incoming gradient."""
+    return kernels.dropout_fwd(t.contiguous().view(-1), seed, p).view(t.shape)
+
+
 class DropoutFunction(torch.autograd.Function):
     """x * keep / (1 - p) with the keep mask regenerated from a seed in backward."""
 
@@ -78,7 +84,7 @@ class DropoutFunction(torch.autograd.Function):
     def forward(ctx, x, p):
         kernels = _backend.ops("dropout", x.device)
         seed = draw_seed(x.device)
-        y = kernels.dropout_fwd(x.contiguous().view(-1), seed, p).view(x.shape)
+        y = _apply_mask(kernels, x, seed, p)
         ctx.p = p
         ctx.save_for_backward(seed)
         report_mask("dropout", kernels, seed, x.shape, p)
@@ -88,8 +94,7 @@ class DropoutFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (seed,) = ctx.saved_tensors
         kernels = _backend.ops("dropout", dy.device)
-        # the gradient of x * keep / (1 - p) is the same mask and scale applied to dy
-        return kernels.dropout_fwd(dy.contiguous().view(-1), seed, ctx.p).view(dy.shape), None
+        return _apply_mask(kernels, dy, seed, ctx.p), None
 
 
 class BiasDropoutAddFunction(torch.autograd.Function):
@@ -103,7 +108,6 @@ class BiasDropoutAddFunction(torch.autograd.Function):
         out = kernels.bias_dropout_add_fwd(x.contiguous().view(-1), flat_bias, residual.contiguous().view(-1),
                                            seed, p).view(x.shape)
         ctx.p = p
-        ctx.bias_numel = bias.numel() if bias is not None else 0
         ctx.bias_shape = bias.shape if bias is not None else None
         ctx.save_for_backward(seed)
         report_mask("bias_dropout_add", kernels, seed, x.shape, p)
@@ -113,11 +117,10 @@ class BiasDropoutAddFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
         kernels = _backend.ops("dropout", grad.device)
-        grad_x = kernels.dropout_fwd(grad.contiguous().view(-1), seed, ctx.p).view(grad.shape)
+        grad_x = _apply_mask(kernels, grad, seed, ctx.p)
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
-            grad_bias = grad_x.view(-1, ctx.bias_numel).sum(dim=0, dtype=torch.float32).to(grad.dtype)
-            grad_bias = grad_bias.view(ctx.bias_shape)
+            grad_bias = grad_x.view(-1, *ctx.bias_shape).sum(dim=0, dtype=torch.float32).to(grad.dtype)
         return grad_x, grad_bias, grad, None
 
 
