@@ -4,6 +4,10 @@
 #   bash launch/fetch_gpu_wheels.sh             # here, once: deepspeed + megatron-core wheels in .whl/
 #   bash launch/gpu_check.sh [OUTDIR]           # there: OUTDIR, else $OUT, else results/gpu_check
 #   TEMPO_GPU_CHECK_TINY=1 bash launch/gpu_check.sh /tmp/gpucheck    # the same path, CPU-sized
+#   TEMPO_GPU_CHECK_STAGES="build gpu-tests bench-ops" bash launch/gpu_check.sh   # some stages only
+#
+# The ops are built into build/torch_extensions (git-ignored) unless TORCH_EXTENSIONS_DIR is set,
+# so a second call on a machine that is still warm finds them built.
 #
 # Stages, each with a time limit taken from what is left of TEMPO_GPU_CHECK_SECONDS (default 460):
 #   0 wheels  install .whl/*.whl into a private folder unless deepspeed and megatron.core import
@@ -29,6 +33,8 @@ summary="$out/summary.txt"
 : > "$summary"
 exec > >(tee -a "$out/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}"
+stages="${TEMPO_GPU_CHECK_STAGES:-build gpu-tests bench-ops train-gpt2 train-bert train-gpt2-16GiB train-bert-16GiB}"
 start=$SECONDS
 
 note() { echo "$*" | tee -a "$summary"; }
@@ -37,6 +43,7 @@ note() { echo "$*" | tee -a "$summary"; }
 stage() {
   local name=$1 cap=$2 left limit t0 rc
   shift 2
+  case " $stages " in *" $name "*) ;; *) return ;; esac
   left=$(( deadline - (SECONDS - start) ))
   limit=$(( cap < left ? cap : left ))
   if (( limit < 10 )); then
@@ -78,12 +85,12 @@ print(json.dumps(machine_info(), indent=1))
 EOF
 
 # -- 1-3: build, tests, ops benchmark ---------------------------------------------------------------
-stage build 200 python3 -m tempo_ds.report --load
-stage gpu-tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider
+stage build 200 python3 -m tempo_ds.report --load --parallel
+stage gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8
 if [ "$tiny" = 1 ]; then
   stage bench-ops 60 python3 -m tempo_ds.bench ops --reps 2 --json "$results/bench_ops.json"
 else
-  stage bench-ops 60 python3 -m tempo_ds.bench ops --json "$results/bench_ops.json"
+  stage bench-ops 90 python3 -m tempo_ds.bench ops --json "$results/bench_ops.json"
 fi
 
 # -- 4: train benchmark -----------------------------------------------------------------------------

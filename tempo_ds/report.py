@@ -2,9 +2,12 @@
 
 For each op family and device it says whether the op can be built here (compatible), whether a
 build exists (prebuilt or JIT-cached), whether it is loaded in this process, and which device it
-serves. `--load` builds/loads every compatible op first (JIT on first use, cached afterwards).
+serves. `--load` builds/loads every compatible op first (JIT on first use, cached afterwards);
+`--parallel` builds them in one process each, all at once, before loading them here (ninja runs
+each build's compilations in parallel already; this overlaps the builds themselves).
 """
 import argparse
+import subprocess
 import sys
 
 import torch
@@ -32,10 +35,34 @@ def rows(load=False):
     return out
 
 
+def build_in_parallel():
+    """JIT-build every compatible op, each in its own process, all at once; their cached builds
+    then load here in a fraction of a second. Returns {op name: error text} for failed builds."""
+    from .op_builder import FAMILIES
+    code = ("import sys; from tempo_ds.op_builder import FAMILIES; "
+            "FAMILIES[sys.argv[1]][int(sys.argv[2])]().load(verbose=False)")
+    procs = {}
+    for family, classes in FAMILIES.items():
+        for index, cls in enumerate(classes):
+            if cls().is_compatible(verbose=False):
+                procs[cls.NAME] = subprocess.Popen([sys.executable, "-c", code, family, str(index)],
+                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    errors = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            errors[name] = out[-3000:]
+    return errors
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", action="store_true", help="build/load every compatible op first")
+    parser.add_argument("--parallel", action="store_true",
+                        help="with --load: build the ops in parallel processes first")
     args = parser.parse_args(argv)
+    if args.parallel and not args.load:
+        parser.error("--parallel needs --load")
     import deepspeed
     from torch.utils import cpp_extension
 
@@ -45,6 +72,9 @@ def main(argv=None):
           f"deepspeed {deepspeed.__version__} | CUDA_HOME {resolve_cuda_home() or cpp_extension.CUDA_HOME}")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"GPU: {gpu}")
+    if args.parallel:
+        for name, log in build_in_parallel().items():
+            print(f"build of {name} failed:\n{log}")
     header = f"{'op':<20}{'device':<8}{'compatible':<12}{'built':<8}{'prebuilt':<10}{'loaded':<8}{'runs here':<10}"
     print(header)
     print("-" * len(header))

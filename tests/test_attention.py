@@ -28,8 +28,8 @@ def _load_kernels():
     _backend.ops("dropout", "cpu")
 
 
-def causal_mask(s):
-    return torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
+def causal_mask(s, device="cpu"):
+    return torch.ones(1, 1, s, s, dtype=torch.bool, device=device).triu(1)
 
 
 def megatron_reference(scores, v, mask, scale, keep=None, p=0.0, causal=False):
@@ -37,7 +37,7 @@ def megatron_reference(scores, v, mask, scale, keep=None, p=0.0, causal=False):
     a given keep mask, bmm), with the softmax in fp32 and probabilities cast back, in any dtype."""
     b, heads, sq, sk = scores.shape
     if causal:
-        mask = causal_mask(sq) if mask is None else mask | causal_mask(sq)
+        mask = causal_mask(sq, scores.device) if mask is None else mask | causal_mask(sq, scores.device)
     x = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
     x = x * scale
     if mask is not None:
@@ -72,16 +72,21 @@ def make_mask(kind, b, s):
     return None
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("softmax_in_fp32", [False, True])
-def test_matches_float64_within_pytorch_error(poisoned, dtype, case, softmax_in_fp32):
+def test_matches_float64_within_pytorch_error(poisoned, dtype, case, softmax_in_fp32, device):
     b, heads, groups, s, hn = 2, 4, 2, 12, 8
     mask = make_mask(CASES[case]["mask"], b, s)
+    mask = None if mask is None else mask.to(device)
     causal = CASES[case]["causal"]
-    scores = torch.randn(b, heads, s, s, dtype=dtype) * 2
-    v = torch.randn(b, groups, s, hn, dtype=dtype)
-    grad = torch.randn(b, heads, s, hn)
+    scores = torch.randn(b, heads, s, s, dtype=dtype).to(device) * 2
+    v = torch.randn(b, groups, s, hn, dtype=dtype).to(device)
+    grad = torch.randn(b, heads, s, hn).to(device)
     ours = run(lambda x, y: ops.softmax_dropout_matmul(x, y, mask, 0.0, 1.5, softmax_in_fp32, causal),
                [scores, v], grad)
     stock = run(lambda x, y: megatron_reference(x, y, mask, 1.5, causal=causal), [scores, v], grad)
@@ -333,6 +338,32 @@ def test_core_attention_ledger_bytes(megatron, path):
         # CPU flash kernel (dropout off): the output [b, a, s, hn] and the fp32 logsumexp [b, a, s]
         assert beyond_qkv == b * heads * s * hn * 2 + b * heads * s * 4
         assert any("ScaledDotProductFlashAttention" in op for op in report.by_op())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path,mask_type", [("flash", "causal"), ("tempo", "causal"), ("auto", "padding")])
+def test_core_attention_bf16_on_gpu_within_twice_megatrons_error(megatron, path, mask_type):
+    """bf16 on the GPU (SDPA's fused kernels on the flash path): context and q/k/v gradients
+    within 2x the error of Megatron's DotProductAttention in bf16, both against it in float64."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from tempo_ds.megatron.core_attention import TempoCoreAttention
+
+    shape = dict(kv_channels=64, num_attention_heads=4, num_query_groups=4, hidden_size=256)
+    config = make_config(bf16=True, params_dtype=torch.bfloat16, **shape)
+    stock = build(DotProductAttention, config, mask_type)
+    # its own module: with config.bf16 DotProductAttention casts the probabilities to bf16
+    fp64 = build(DotProductAttention, make_config(params_dtype=torch.float64, **shape), mask_type)
+    ours = build(TempoCoreAttention, config, mask_type, path=path)
+    s, b = 256, 2
+    q, k, v = (t.cuda() for t in qkv(config, s=s, b=b, dtype=torch.bfloat16))
+    mask = (causal_mask(s) if mask_type == "causal" else make_mask("padding", b, s)).cuda()
+    grad = torch.randn(s, b, 4 * 64, device="cuda")
+    expected = run(lambda a, b_, c: stock(a, b_, c, mask), [q, k, v], grad)
+    got = run(lambda a, b_, c: ours(a, b_, c, mask), [q, k, v], grad)
+    assert ours.last_path == {"flash": "flash:sdpa", "tempo": "tempo", "auto": "tempo"}[path]
+    reference = run(lambda a, b_, c: fp64(a, b_, c, mask), [t.double() for t in (q, k, v)], grad)
+    for name, g, e, r in zip(["context", "dq", "dk", "dv"], got, expected, reference):
+        assert_within_pytorch_error(g, e, r, name)
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ from tempo_ds import ops
 from tempo_ds.memory import SavedTensorLedger
 from tempo_ds.modules import TempoGELU
 from tempo_ds.ops import _backend, reference
+from tempo_ds.ops.gelu import TABLE_DTYPES, derivative_table
 
 from .numerics import DTYPES, assert_within_pytorch_error, max_err
 
@@ -35,10 +36,15 @@ def exact_output_based_grad(dy, y, x, approximate):
     return dy.double() * d
 
 
-def run_both(x, approximate, dy):
+def newton_gelu(x, approximate):
+    """ops.gelu with the Newton inversion in backward for every dtype (no derivative table)."""
+    return ops.GeluFunction.apply(x, approximate == "tanh", False)
+
+
+def run_both(x, approximate, dy, ours=ops.gelu):
     """(our y, our dx, PyTorch's y, PyTorch's dx, float64 y, float64 dx)."""
     results = []
-    for fn, inp in ((ops.gelu, x), (F.gelu, x), (F.gelu, x.double())):
+    for fn, inp in ((ours, x), (F.gelu, x), (F.gelu, x.double())):
         leaf = inp.detach().clone().requires_grad_()
         out = fn(leaf, approximate=approximate)
         out.backward(dy.to(out.dtype))
@@ -55,13 +61,16 @@ def test_forward_within_pytorch_error(dtype, approximate, poison):
                                 F.gelu(x.double(), approximate=approximate), "y")
 
 
+@pytest.mark.parametrize("path", ["table", "newton"])
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_matches_exact_output_based_gradient(dtype, approximate, poison):
-    """Our dx against float64 math on the same saved (y, bit): within 2x PyTorch's own error."""
+def test_backward_matches_exact_output_based_gradient(dtype, approximate, path, poison):
+    """Our dx against float64 math on the same saved (y, bit): within 2x PyTorch's own error.
+    "table" is the default path (a derivative table for 16-bit y, Newton for fp32); "newton"
+    forces the inversion for every dtype."""
     x = gelu_inputs().to(dtype)
     dy = torch.randn_like(x)
-    y, dx, _, dx_pt, _, dx_ref = run_both(x, approximate, dy)
+    y, dx, _, dx_pt, _, dx_ref = run_both(x, approximate, dy, ops.gelu if path == "table" else newton_gelu)
     target = exact_output_based_grad(dy, y, x, approximate)
     atol = torch.finfo(dtype).eps / 16 * float(target.abs().max())
     ours = max_err(dx, target)
@@ -162,6 +171,49 @@ def test_compiled_kernel_matches_pytorch_fallback(dtype, approximate, monkeypatc
     dx_f = fallback.gelu_bwd(dy, y_c, bits_c, tanh_form)
     scale = float(dx_f.abs().max())
     assert max_err(dx_c, dx_f) <= 2 * torch.finfo(dtype).eps * scale
+    if dtype in TABLE_DTYPES:
+        table = derivative_table(dtype, tanh_form, x.device)
+        # one gather and one multiply in fp32, rounded once: the same bits in both
+        assert torch.equal(compiled.gelu_bwd_table(dy, y_c, bits_c, table),
+                           fallback.gelu_bwd_table(dy, y_c, bits_c, table))
+
+
+def _every_16_bit_output(dtype):
+    pattern = torch.arange(1 << 16, dtype=torch.int32)
+    return torch.where(pattern >= 1 << 15, pattern - (1 << 16), pattern).to(torch.int16).view(dtype)
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_derivative_table_is_the_float64_output_based_derivative(dtype, approximate):
+    """Every entry: GELU'(x) for the x with GELU(x) = y on the row's branch, from a 60-step float64
+    inversion, rounded once to float32 (non-finite y give the derivative of themselves)."""
+    tanh_form = approximate == "tanh"
+    table = derivative_table(dtype, tanh_form, "cpu")
+    assert table.shape == (2, 1 << 16) and table.dtype == torch.float32
+    assert derivative_table(dtype, tanh_form, "cpu") is table  # built once
+    y = _every_16_bit_output(dtype).double()
+    for row, left in enumerate((False, True)):
+        exact = reference.gelu_derivative_from_output(y, torch.full_like(y, left, dtype=torch.bool),
+                                                      tanh_form, steps=60)
+        torch.testing.assert_close(table[row], exact.float(), rtol=2 ** -22, atol=1e-9, equal_nan=True)
+    # y = 1.0 on the right branch: x = 1.0 + ..., GELU' there is about 1.08
+    one = int(torch.tensor(1.0, dtype=dtype).view(torch.int16)) & 0xFFFF
+    assert 1.0 < float(table[0, one]) < 1.2
+
+
+def test_table_kernel_rejects_bad_tables():
+    kernels = _backend.ops("core", torch.device("cpu"))
+    y, bits = kernels.gelu_fwd(torch.randn(17, dtype=torch.bfloat16), False)
+    table = derivative_table(torch.bfloat16, False, "cpu")
+    with pytest.raises(RuntimeError, match="table must be a contiguous float32"):
+        kernels.gelu_bwd_table(torch.ones_like(y), y, bits, table[:, :100])
+    with pytest.raises(RuntimeError, match="table must be a contiguous float32"):
+        kernels.gelu_bwd_table(torch.ones_like(y), y, bits, table.double())
+    with pytest.raises(RuntimeError, match="y must be float16 or bfloat16"):
+        kernels.gelu_bwd_table(torch.ones(17), y.float(), bits, table)
+    with pytest.raises(TypeError, match="dtype must be float16 or bfloat16"):
+        derivative_table(torch.float32, False, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -230,10 +282,25 @@ def test_forward_and_backward_over_2_31_elements_cuda():
     kernels = _backend.ops("core", x.device)
     y, bits = kernels.gelu_fwd(x, False)
     torch.testing.assert_close(y[-9:], F.gelu(tail))
-    dx = kernels.gelu_bwd(x, y, bits, False)  # dy = x: any values do
     ref = tail.float().requires_grad_()
     F.gelu(ref).backward(tail.float())
+    dx = kernels.gelu_bwd(x, y, bits, False)  # dy = x: any values do
     torch.testing.assert_close(dx[-9:].float(), ref.grad, rtol=2e-2, atol=2e-2)
+    del dx
+    table = derivative_table(torch.bfloat16, False, x.device)
+    dx = kernels.gelu_bwd_table(x, y, bits, table)
+    torch.testing.assert_close(dx[-9:].float(), ref.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_derivative_table_matches_cpu(dtype, approximate):
+    tanh_form = approximate == "tanh"
+    cpu = derivative_table(dtype, tanh_form, "cpu")
+    gpu = derivative_table(dtype, tanh_form, "cuda")
+    # float64 libm on host and device may differ in the last bits before the rounding to fp32
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=2 ** -22, atol=1e-9, equal_nan=True)
 
 
 @pytest.mark.gpu

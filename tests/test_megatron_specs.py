@@ -61,13 +61,29 @@ def test_checkpoint_loads_across_specs(arch, direction, tmp_path):
 
 
 # -- numerics -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,attention", [("gpt", "auto"), ("gpt", "tempo"), ("bert", "auto")])
+ATTENTIONS = [("gpt", "auto"), ("gpt", "tempo"), ("bert", "auto")]
+
+
+@pytest.mark.parametrize("arch,attention", ATTENTIONS)
 def test_same_logits_loss_and_gradients_as_stock(arch, attention):
-    config = mu.tiny_config()
+    _compare_with_stock(arch, attention, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch,attention", ATTENTIONS)
+def test_bf16_on_gpu_within_twice_the_stock_error(arch, attention):
+    """bf16 on the GPU: the CUDA kernels, SDPA's fused kernels on the flash path."""
+    _compare_with_stock(arch, attention, torch.bfloat16)
+
+
+def _compare_with_stock(arch, attention, dtype):
+    """Same weights and batch, dropout 0: logits, loss and every gradient of the Tempo model within
+    2x the stock model's own error against a float64 stock model."""
+    config = mu.tiny_config(dtype=dtype)
     stock = mu.build(arch, "stock", config)
     tempo = mu.build(arch, "tempo", config, attention=attention)
     tempo.load_state_dict(stock.state_dict())
-    reference = mu.build(arch, "stock", mu.tiny_config(params_dtype=torch.float64))
+    reference = mu.build(arch, "stock", mu.tiny_config(dtype=torch.float64))
     reference.load_state_dict(stock.state_dict())
     batch = mu.batch(arch)
 
@@ -83,7 +99,7 @@ def test_same_logits_loss_and_gradients_as_stock(arch, attention):
         ours, theirs = assert_within_pytorch_error(t_grads[name], s_grads[name], r_grads[name], f"grad {name}")
         worst = max(worst, (ours, theirs))
     errors["worst grad"] = worst
-    print(f"\n{arch}/{attention} max |x - fp64| tempo vs stock: " +
+    print(f"\n{arch}/{attention} {dtype} max |x - fp64| tempo vs stock: " +
           ", ".join(f"{k} {a:.2e} vs {b:.2e}" for k, (a, b) in errors.items()))
 
 
@@ -98,11 +114,24 @@ RECOMPUTE = {
 }
 
 
-@pytest.mark.parametrize("arch,attention", [("gpt", "auto"), ("gpt", "tempo"), ("bert", "auto")])
+@pytest.mark.parametrize("arch,attention", ATTENTIONS)
 @pytest.mark.parametrize("recompute", sorted(RECOMPUTE))
 def test_recomputation_gives_bit_identical_gradients(arch, attention, recompute):
     """Dropout 0.1 everywhere: recomputed forwards must regenerate every mask exactly, which needs
     the RNG tracker (enable_cpu on CPU) and seed-based Tempo dropout."""
+    _check_recomputation(arch, attention, recompute)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch,attention", ATTENTIONS)
+@pytest.mark.parametrize("recompute", sorted(RECOMPUTE))
+def test_recomputation_bit_identical_on_gpu(arch, attention, recompute):
+    """On the GPU the flash path draws SDPA's own dropout (the CUDA generator's Philox offset),
+    which Megatron's checkpointing must restore as it does for its own dropout."""
+    _check_recomputation(arch, attention, recompute)
+
+
+def _check_recomputation(arch, attention, recompute):
     plain = mu.build(arch, "tempo", mu.tiny_config(dropout=0.1), attention=attention)
     recomputed = mu.build(arch, "tempo", mu.tiny_config(dropout=0.1, **RECOMPUTE[recompute]),
                           attention=attention)

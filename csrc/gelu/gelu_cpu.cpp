@@ -28,9 +28,10 @@ void gelu_fwd_kernel(const scalar_t* x, scalar_t* y, uint8_t* bits, int64_t n) {
     });
 }
 
-template <typename Form, typename scalar_t>
-void gelu_bwd_kernel(const scalar_t* dy, const scalar_t* y, const uint8_t* bits, scalar_t* dx,
-                     int64_t n) {
+// Derivative: NewtonDerivative<Form> or TableDerivative (tempo/gelu.h).
+template <typename Derivative, typename scalar_t>
+void gelu_bwd_kernel(Derivative derivative, const scalar_t* dy, const scalar_t* y,
+                     const uint8_t* bits, scalar_t* dx, int64_t n) {
     using acc_t = typename compute_type<scalar_t>::type;
     const int64_t n_bytes = (n + 7) / 8;
     at::parallel_for(0, n_bytes, 512, [&](int64_t begin, int64_t end) {
@@ -38,12 +39,22 @@ void gelu_bwd_kernel(const scalar_t* dy, const scalar_t* y, const uint8_t* bits,
             const uint8_t packed = bits[b];
             const int64_t base = b * 8;
             for (int k = 0; k < 8 && base + k < n; ++k) {
-                const bool left = (packed >> k) & 1;
-                const acc_t d = gelu_derivative_from_output<Form>(static_cast<acc_t>(y[base + k]), left);
+                const acc_t d = derivative(y[base + k], (packed >> k) & 1);
                 dx[base + k] = static_cast<scalar_t>(static_cast<acc_t>(dy[base + k]) * d);
             }
         }
     });
+}
+
+void check_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {
+    TORCH_CHECK(dy.is_contiguous() && y.is_contiguous() && bits.is_contiguous(),
+                "gelu_bwd: inputs must be contiguous");
+    TORCH_CHECK(dy.numel() == y.numel() && dy.scalar_type() == y.scalar_type(),
+                "gelu_bwd: dy must match y in size and dtype");
+    TORCH_CHECK(bits.scalar_type() == at::kByte && bits.numel() == (y.numel() + 7) / 8,
+                "gelu_bwd: bits must be uint8 with ceil(y.numel() / 8) elements");
+    TORCH_CHECK(dy.device() == y.device() && bits.device() == y.device(),
+                "gelu_bwd: dy, y and bits must be on one device");
 }
 
 }  // namespace
@@ -64,22 +75,28 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
 }
 
 at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {
-    TORCH_CHECK(dy.is_contiguous() && y.is_contiguous() && bits.is_contiguous(),
-                "gelu_bwd: inputs must be contiguous");
-    TORCH_CHECK(dy.numel() == y.numel() && dy.scalar_type() == y.scalar_type(),
-                "gelu_bwd: dy must match y in size and dtype");
-    TORCH_CHECK(bits.scalar_type() == at::kByte && bits.numel() == (y.numel() + 7) / 8,
-                "gelu_bwd: bits must be uint8 with ceil(y.numel() / 8) elements");
-    TORCH_CHECK(dy.device() == y.device() && bits.device() == y.device(),
-                "gelu_bwd: dy, y and bits must be on one device");
+    check_bwd_args(dy, y, bits);
     auto dx = empty_output(y);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gelu_bwd", [&] {
         if (tanh_form)
-            gelu_bwd_kernel<GeluTanh>(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                      bits.data_ptr<uint8_t>(), dx.data_ptr<scalar_t>(), y.numel());
+            gelu_bwd_kernel(NewtonDerivative<GeluTanh>{}, dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                            bits.data_ptr<uint8_t>(), dx.data_ptr<scalar_t>(), y.numel());
         else
-            gelu_bwd_kernel<GeluErf>(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                     bits.data_ptr<uint8_t>(), dx.data_ptr<scalar_t>(), y.numel());
+            gelu_bwd_kernel(NewtonDerivative<GeluErf>{}, dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                            bits.data_ptr<uint8_t>(), dx.data_ptr<scalar_t>(), y.numel());
+    });
+    return dx;
+}
+
+at::Tensor gelu_bwd_table(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits,
+                          const at::Tensor& table) {
+    check_bwd_args(dy, y, bits);
+    check_gelu_table(table, y);
+    auto dx = empty_output(y);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "gelu_bwd_table", [&] {
+        gelu_bwd_kernel(TableDerivative{table.data_ptr<float>()}, dy.data_ptr<scalar_t>(),
+                        y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), dx.data_ptr<scalar_t>(),
+                        y.numel());
     });
     return dx;
 }

@@ -64,8 +64,10 @@ __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
     }
 }
 
-template <typename Form, typename scalar_t>
-__global__ void gelu_bwd_kernel(const scalar_t* __restrict__ dy,   // [n]
+// Derivative: NewtonDerivative<Form> or TableDerivative (tempo/gelu.h).
+template <typename Derivative, typename scalar_t>
+__global__ void gelu_bwd_kernel(Derivative derivative,
+                                const scalar_t* __restrict__ dy,   // [n]
                                 const scalar_t* __restrict__ y,    // [n]
                                 const uint8_t* __restrict__ bits,  // [ceil(n/8)]
                                 scalar_t* __restrict__ dx,         // [n]
@@ -91,7 +93,7 @@ __global__ void gelu_bwd_kernel(const scalar_t* __restrict__ dy,   // [n]
         const uint8_t packed = bits[b];
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-            const acc_t d = gelu_derivative_from_output<Form>(static_cast<acc_t>(yy.v[k]), (packed >> k) & 1);
+            const acc_t d = derivative(yy.v[k], (packed >> k) & 1);
             out.v[k] = static_cast<scalar_t>(static_cast<acc_t>(g.v[k]) * d);
         }
         if (full) {
@@ -133,7 +135,9 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
     return {y, bits};
 }
 
-at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {
+namespace {
+
+void check_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {
     TORCH_CHECK(dy.is_cuda() && y.is_cuda() && bits.is_cuda(), "gelu_bwd: inputs must be CUDA tensors");
     TORCH_CHECK(dy.is_contiguous() && y.is_contiguous() && bits.is_contiguous(),
                 "gelu_bwd: inputs must be contiguous");
@@ -143,23 +147,43 @@ at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor&
                 "gelu_bwd: bits must be uint8 with ceil(y.numel() / 8) elements");
     TORCH_CHECK(dy.device() == y.device() && bits.device() == y.device(),
                 "gelu_bwd: dy, y and bits must be on one device");
+}
+
+template <typename Derivative, typename scalar_t>
+void launch_bwd(Derivative derivative, const at::Tensor& dy, const at::Tensor& y,
+                const at::Tensor& bits, at::Tensor& dx) {
+    const int64_t n = y.numel();
+    if (n == 0) return;
+    gelu_bwd_kernel<<<grid_for(bits.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        derivative, dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
+        dx.data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {
+    check_bwd_args(dy, y, bits);
     const c10::cuda::CUDAGuard guard(y.device());
     auto dx = empty_output(y);
-    const int64_t n = y.numel();
-    if (n == 0) return dx;
-    auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gelu_bwd", [&] {
-        const unsigned grid = grid_for(bits.numel());
         if (tanh_form)
-            gelu_bwd_kernel<GeluTanh><<<grid, kThreads, 0, stream>>>(
-                dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
-                dx.data_ptr<scalar_t>(), n);
+            launch_bwd<NewtonDerivative<GeluTanh>, scalar_t>({}, dy, y, bits, dx);
         else
-            gelu_bwd_kernel<GeluErf><<<grid, kThreads, 0, stream>>>(
-                dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
-                dx.data_ptr<scalar_t>(), n);
+            launch_bwd<NewtonDerivative<GeluErf>, scalar_t>({}, dy, y, bits, dx);
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return dx;
+}
+
+at::Tensor gelu_bwd_table(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits,
+                          const at::Tensor& table) {
+    check_bwd_args(dy, y, bits);
+    check_gelu_table(table, y);
+    const c10::cuda::CUDAGuard guard(y.device());
+    auto dx = empty_output(y);
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "gelu_bwd_table", [&] {
+        launch_bwd<TableDerivative, scalar_t>(TableDerivative{table.data_ptr<float>()}, dy, y, bits, dx);
+    });
     return dx;
 }
 

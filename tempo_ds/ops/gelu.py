@@ -2,6 +2,12 @@
 
 Saved for backward: y (the output; the next linear layer keeps the same tensor, so it costs no
 extra bytes) and ceil(n/8) bytes of packed branch bits. Stock GELU saves its input x instead.
+
+The derivative GELU'(x) is recovered from (y, bit). For float32/float64 y the kernel inverts y -> x
+by Newton's method on every call. For float16/bfloat16 y there are only 2^16 possible outputs, so
+the derivative is a fixed table of 2 x 2^16 floats (512 KiB per device, form and dtype), computed
+once with the float64 inversion and then read by a gather: the backward does no inversion at all.
+The table is a constant of the op, not an activation: autograd saves nothing more.
 """
 import torch
 
@@ -9,17 +15,44 @@ from . import _backend
 from ._checks import check_choice, check_float_tensor
 
 APPROXIMATIONS = ("none", "tanh")
+TABLE_DTYPES = (torch.float16, torch.bfloat16)
+
+_tables = {}
+
+
+def derivative_table(dtype, tanh_form, device):
+    """GELU'(x(y, bit)) for every 16-bit y of dtype: float32 [2, 65536] on device, row = branch
+    bit, column = the bit pattern of y. Built once (float64 Newton inversion, rounded once to
+    float32) and cached."""
+    key = (dtype, bool(tanh_form), torch.device(device))
+    table = _tables.get(key)
+    if table is None:
+        if dtype not in TABLE_DTYPES:
+            raise TypeError(f"derivative_table: dtype must be float16 or bfloat16, got {dtype}")
+        pattern = torch.arange(1 << 16, dtype=torch.int32, device=device)
+        y = torch.where(pattern >= 1 << 15, pattern - (1 << 16), pattern).to(torch.int16).view(dtype)
+        y = y.to(torch.float64)
+        kernels = _backend.ops("core", y.device)
+        ones = torch.ones_like(y)
+        n_bytes = (1 << 16) // 8
+        rows = [kernels.gelu_bwd(ones, y, torch.full((n_bytes,), fill, dtype=torch.uint8, device=device),
+                                 bool(tanh_form))
+                for fill in (0x00, 0xFF)]
+        table = _tables[key] = torch.stack(rows).float().contiguous()
+    return table
 
 
 class GeluFunction(torch.autograd.Function):
-    """GELU whose backward recovers x from (y, branch bit) and evaluates GELU'(x) exactly."""
+    """GELU whose backward recovers GELU'(x) from (y, branch bit): a table gather for 16-bit y
+    (when use_table), Newton's inversion otherwise."""
 
     @staticmethod
-    def forward(ctx, x, tanh_form):
+    def forward(ctx, x, tanh_form, use_table=True):
         kernels = _backend.ops("core", x.device)
         y, bits = kernels.gelu_fwd(x.contiguous().view(-1), tanh_form)
         y = y.view(x.shape)
         ctx.tanh_form = tanh_form
+        ctx.use_table = use_table and x.dtype in TABLE_DTYPES
         ctx.save_for_backward(y, bits)
         return y
 
@@ -27,8 +60,13 @@ class GeluFunction(torch.autograd.Function):
     def backward(ctx, dy):
         y, bits = ctx.saved_tensors
         kernels = _backend.ops("core", y.device)
-        dx = kernels.gelu_bwd(dy.contiguous().view(-1), y.view(-1), bits, ctx.tanh_form)
-        return dx.view(y.shape), None
+        dy = dy.contiguous().view(-1)
+        if ctx.use_table:
+            table = derivative_table(y.dtype, ctx.tanh_form, y.device)
+            dx = kernels.gelu_bwd_table(dy, y.view(-1), bits, table)
+        else:
+            dx = kernels.gelu_bwd(dy, y.view(-1), bits, ctx.tanh_form)
+        return dx.view(y.shape), None, None
 
 
 def gelu(x, approximate="none"):

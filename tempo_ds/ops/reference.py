@@ -106,6 +106,16 @@ def gelu_bwd(dy, y, bits, tanh_form):
     return (dy.to(acc) * d).to(y.dtype)
 
 
+def gelu_bwd_table(dy, y, bits, table):
+    """gelu_bwd for fp16/bf16 y, reading GELU'(x) from table[bit, the 16 bits of y]."""
+    if y.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"gelu_bwd_table: y must be float16 or bfloat16, got {y.dtype}")
+    column = y.view(torch.int16).to(torch.int32) & 0xFFFF
+    left = unpack_bits(bits, y.numel()).view(y.shape).to(torch.int32)
+    d = table.view(-1)[(left << 16) | column]
+    return (dy.float() * d).to(y.dtype)
+
+
 # -- LayerNorm / RMSNorm ---------------------------------------------------------------------
 # Statements of tempo/norm.h: the forward keeps y and rstd; the backward recovers
 # x_hat = (y - beta) / gamma. Inputs are [M, N]; weight / bias are [N] or None.
@@ -165,7 +175,7 @@ class Fallback(SimpleNamespace):
 
 
 FALLBACKS = {
-    "core": Fallback(gelu_fwd=gelu_fwd, gelu_bwd=gelu_bwd,
+    "core": Fallback(gelu_fwd=gelu_fwd, gelu_bwd=gelu_bwd, gelu_bwd_table=gelu_bwd_table,
                      layer_norm_fwd=layer_norm_fwd, layer_norm_bwd=layer_norm_bwd,
                      rms_norm_fwd=rms_norm_fwd, rms_norm_bwd=rms_norm_bwd),
 }

@@ -15,6 +15,10 @@
     /* dy, y: [n] contiguous, bits from gelu_fwd. Returns dx [n]. */                      \
     at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, \
                         bool tanh_form);                                                  \
+    /* As gelu_bwd for fp16/bf16 y, reading GELU'(x) from table: fp32 [2, 65536] on y's     \
+       device, row = branch bit, column = the 16 bits of y. Returns dx [n]. */             \
+    at::Tensor gelu_bwd_table(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, \
+                              const at::Tensor& table);                                   \
     /* x: [M, N] contiguous; weight, bias: [N] or None, x's dtype or fp32 next to 16-bit  \
        x. Returns {y [M, N], rstd [M] (fp32; fp64 for fp64 x)}. */                        \
     std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x,                           \
@@ -35,6 +39,19 @@
                                          const std::optional<at::Tensor>& weight);
 
 namespace tempo {
+
+// The derivative table of gelu_bwd_table (see TableDerivative in tempo/gelu.h).
+inline void check_gelu_table(const at::Tensor& table, const at::Tensor& y) {
+    TORCH_CHECK(y.scalar_type() == at::kHalf || y.scalar_type() == at::kBFloat16,
+                "gelu_bwd_table: y must be float16 or bfloat16, got ", y.scalar_type());
+    TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.dim() == 2 &&
+                    table.size(0) == 2 && table.size(1) == (1 << 16),
+                "gelu_bwd_table: table must be a contiguous float32 [2, 65536] tensor, got ",
+                table.scalar_type(), " ", table.sizes());
+    TORCH_CHECK(table.device() == y.device(), "gelu_bwd_table: table must be on y's device (",
+                y.device(), "), got ", table.device());
+}
+
 namespace cpu {
 TEMPO_CORE_DECLARE()
 }  // namespace cpu

@@ -133,4 +133,37 @@ TEMPO_HD T gelu_derivative_from_output(T y, bool left) {
     return Form::derivative(x);
 }
 
+// How a backward kernel obtains GELU'(x) for a stored (y, branch bit); both return it in the
+// compute type of the storage.
+//
+// Newton: the inversion above, for any storage type.
+template <typename Form>
+struct NewtonDerivative {
+    template <typename scalar_t>
+    TEMPO_HD typename compute_type<scalar_t>::type operator()(scalar_t y, bool left) const {
+        using acc_t = typename compute_type<scalar_t>::type;
+        return gelu_derivative_from_output<Form>(static_cast<acc_t>(y), left);
+    }
+};
+
+// Table, for 16-bit storage (c10::Half, c10::BFloat16): y then takes at most 2^16 values, so
+// GELU'(x(y, bit)) is a table of 2 x 2^16 floats (512 KiB), filled once per device, form and dtype
+// by the float64 Newton path (tempo_ds/ops/gelu.py). The backward becomes one gather per element,
+// and each entry is the float64 output-based derivative rounded once to float32.
+constexpr int kGeluTableColumns = 1 << 16;
+
+struct TableDerivative {
+    const float* table;  // [2][kGeluTableColumns]: row = branch bit, column = the 16 bits of y
+
+    template <typename scalar_t>
+    TEMPO_HD float operator()(scalar_t y, bool left) const {
+        const uint32_t i = (static_cast<uint32_t>(left) << 16) | static_cast<uint32_t>(y.x);
+#if defined(__CUDA_ARCH__)
+        return __ldg(table + i);
+#else
+        return table[i];
+#endif
+    }
+};
+
 }  // namespace tempo
