@@ -39,6 +39,28 @@ def test_cuda_op_compiles(cls, monkeypatch):
     assert {k for k in vars(reference.FALLBACKS[family])} <= set(dir(module))
 
 
+@pytest.mark.parametrize("arch_list,flags,torch_list", [
+    ("9.0", ["-gencode=arch=compute_90,code=sm_90"], "9.0"),
+    ("9.0a", ["-gencode=arch=compute_90a,code=sm_90a"], "9.0a"),
+    ("8.0;9.0a+PTX", ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+                      "-gencode=arch=compute_90a,code=compute_90a"], "8.0;9.0a+PTX"),
+])
+def test_arch_specific_arch_lists_build(arch_list, flags, torch_list, monkeypatch):
+    """TORCH_CUDA_ARCH_LIST=9.0a (set by H100 images) stopped DeepSpeed 0.19.8's flag parser with
+    "invalid literal for int()"; our builders pass the plain arch to it and restore the suffix."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    builder = CUDA_BUILDERS[0]()
+    builder.jit_mode = False  # prebuild: explicit -gencode flags
+    assert builder.compute_capability_args() == flags
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == torch_list
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    builder.jit_mode, builder._jit_arch_list = True, arch_list  # as jit_load sets them
+    assert builder.compute_capability_args() == []  # torch emits the flags from the list
+    highest = torch_list.split(";")[-1]
+    expected = torch_list if highest.endswith("+PTX") else torch_list + "+PTX"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected and builder._jit_arch_list == arch_list
+
+
 def test_report_lists_every_op(capsys):
     assert report.main([]) == 0
     out = capsys.readouterr().out

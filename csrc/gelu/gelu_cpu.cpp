@@ -46,17 +46,6 @@ void gelu_bwd_kernel(Derivative derivative, const scalar_t* dy, const scalar_t* 
     });
 }
 
-void check_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {
-    TORCH_CHECK(dy.is_contiguous() && y.is_contiguous() && bits.is_contiguous(),
-                "gelu_bwd: inputs must be contiguous");
-    TORCH_CHECK(dy.numel() == y.numel() && dy.scalar_type() == y.scalar_type(),
-                "gelu_bwd: dy must match y in size and dtype");
-    TORCH_CHECK(bits.scalar_type() == at::kByte && bits.numel() == (y.numel() + 7) / 8,
-                "gelu_bwd: bits must be uint8 with ceil(y.numel() / 8) elements");
-    TORCH_CHECK(dy.device() == y.device() && bits.device() == y.device(),
-                "gelu_bwd: dy, y and bits must be on one device");
-}
-
 }  // namespace
 
 std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
@@ -75,7 +64,7 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
 }
 
 at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {
-    check_bwd_args(dy, y, bits);
+    check_gelu_bwd_args(dy, y, bits);
     auto dx = empty_output(y);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gelu_bwd", [&] {
         if (tanh_form)
@@ -90,7 +79,7 @@ at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor&
 
 at::Tensor gelu_bwd_table(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits,
                           const at::Tensor& table) {
-    check_bwd_args(dy, y, bits);
+    check_gelu_bwd_args(dy, y, bits);
     check_gelu_table(table, y);
     auto dx = empty_output(y);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "gelu_bwd_table", [&] {

@@ -139,14 +139,7 @@ namespace {
 
 void check_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {
     TORCH_CHECK(dy.is_cuda() && y.is_cuda() && bits.is_cuda(), "gelu_bwd: inputs must be CUDA tensors");
-    TORCH_CHECK(dy.is_contiguous() && y.is_contiguous() && bits.is_contiguous(),
-                "gelu_bwd: inputs must be contiguous");
-    TORCH_CHECK(dy.numel() == y.numel() && dy.scalar_type() == y.scalar_type(),
-                "gelu_bwd: dy must match y in size and dtype");
-    TORCH_CHECK(bits.scalar_type() == at::kByte && bits.numel() == (y.numel() + 7) / 8,
-                "gelu_bwd: bits must be uint8 with ceil(y.numel() / 8) elements");
-    TORCH_CHECK(dy.device() == y.device() && bits.device() == y.device(),
-                "gelu_bwd: dy, y and bits must be on one device");
+    check_gelu_bwd_args(dy, y, bits);
 }
 
 template <typename Derivative, typename scalar_t>

@@ -10,6 +10,7 @@ then JIT-builds with ninja into `$TORCH_EXTENSIONS_DIR/<NAME>` and caches the re
 """
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,10 @@ def resolve_cuda_home():
             cpp_extension.CUDA_HOME = candidate
             return candidate
     return None
+
+
+# "9.0a", "10.0f": arch-specific entries that PyTorch accepts in TORCH_CUDA_ARCH_LIST.
+_ARCH_SUFFIX = re.compile(r"(\d+\.\d+)([af])")
 
 
 class TempoBuilderMixin:
@@ -147,6 +152,40 @@ class TempoCUDAOpBuilder(TempoBuilderMixin, CUDAOpBuilder):
             "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             f"--threads={min(os.cpu_count() or 1, 8)}",
         ] + self.compute_capability_args()
+
+    def compute_capability_args(self, cross_compile_archs=None):
+        """DeepSpeed's flags, also for arch-specific TORCH_CUDA_ARCH_LIST entries ("9.0a").
+
+        DeepSpeed 0.19.8 reads each entry as major.minor integers and stops with "invalid literal
+        for int() with base 10: '0a'" on the suffixed forms PyTorch accepts, which GPU images set
+        (the H100 machines here export 9.0a). DeepSpeed is handed the plain arch, and the suffix
+        is put back both in the list PyTorch reads (JIT) and in the explicit flags (prebuild), so
+        the code is still built for sm_90a.
+        """
+        jit_list = getattr(self, "_jit_arch_list", None) if self.jit_mode else None
+        requested = jit_list or os.environ.get("TORCH_CUDA_ARCH_LIST") or ""
+        suffixes = dict(_ARCH_SUFFIX.findall(requested))
+        if not suffixes:
+            return super().compute_capability_args(cross_compile_archs)
+        plain = _ARCH_SUFFIX.sub(r"\1", requested)
+        if jit_list:
+            self._jit_arch_list = plain
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plain
+        try:
+            args = super().compute_capability_args(cross_compile_archs)
+        finally:
+            if jit_list:
+                self._jit_arch_list = jit_list
+
+        def restore(arch):  # "9.0" -> "9.0a"
+            return arch + suffixes.get(arch, "")
+
+        # DeepSpeed leaves its canonical list ("9.0+PTX") in the environment for PyTorch to read
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(
+            r"\d+\.\d+", lambda m: restore(m.group(0)), os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
+        numbers = {arch.replace(".", ""): suffix for arch, suffix in suffixes.items()}
+        return [re.sub(r"(compute|sm)_(\d+)\b", lambda m: f"{m.group(1)}_{m.group(2)}{numbers.get(m.group(2), '')}", a)
+                for a in args]
 
     def jit_load(self, verbose=True):
         resolve_cuda_home()

@@ -40,6 +40,18 @@
 
 namespace tempo {
 
+// What gelu_bwd and gelu_bwd_table read, checked before any kernel touches it (both builds).
+inline void check_gelu_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {
+    TORCH_CHECK(dy.is_contiguous() && y.is_contiguous() && bits.is_contiguous(),
+                "gelu_bwd: inputs must be contiguous");
+    TORCH_CHECK(dy.numel() == y.numel() && dy.scalar_type() == y.scalar_type(),
+                "gelu_bwd: dy must match y in size and dtype");
+    TORCH_CHECK(bits.scalar_type() == at::kByte && bits.numel() == (y.numel() + 7) / 8,
+                "gelu_bwd: bits must be uint8 with ceil(y.numel() / 8) elements");
+    TORCH_CHECK(dy.device() == y.device() && bits.device() == y.device(),
+                "gelu_bwd: dy, y and bits must be on one device");
+}
+
 // The derivative table of gelu_bwd_table (see TableDerivative in tempo/gelu.h).
 inline void check_gelu_table(const at::Tensor& table, const at::Tensor& y) {
     TORCH_CHECK(y.scalar_type() == at::kHalf || y.scalar_type() == at::kBFloat16,
