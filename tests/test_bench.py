@@ -89,6 +89,23 @@ def test_targets_are_judged_from_the_report():
     assert "under the budget" in name and met is False
 
 
+def test_ops_targets_are_judged_from_the_recorded_h100_report():
+    """The ops benchmark's verdicts, on the report of the first H100 run (docs/results)."""
+    from tempo_ds.bench import ops
+    path = os.path.join(ROOT, "docs", "results", "h100_2026-11-26", "bench_ops.json")
+    with open(path) as f:
+        report = json.load(f)
+    verdicts = {what: (round(value, 2), met) for what, value, _, met in ops.check_targets(report)}
+    assert verdicts["attention[flash] vs unfused: fwd+bwd time / stock"] == (0.22, True)
+    assert verdicts["attention[tempo] vs unfused: fwd+bwd time / stock"] == (0.69, True)
+    assert verdicts["gelu[tanh]: fwd+bwd time / stock"] == (1.14, False)
+    assert verdicts["gelu[tanh]: bwd GB/s / copy GB/s"] == (0.81, True)
+    assert verdicts["layer_norm: bwd GB/s / copy GB/s"] == (0.29, False)
+    assert len(verdicts) == len(ops.TIME_TARGETS) + 2 * len(ops.BANDWIDTH_OPS)
+    assert "NOT met" in ops.format_table(report)
+    assert ops.check_targets(dict(report, device="cpu")) == []  # no GPU, no verdicts
+
+
 def test_train_benchmark_cpu_end_to_end(tmp_path):
     """The CPU-sized configuration: two variants, each in its own process, JSON/CSV written."""
     out = tmp_path / "out"

@@ -222,6 +222,35 @@ def run(groups=None, device=None, dtype=torch.bfloat16, size=None, reps=None):
             "copy_GBps": copy_bandwidth(device), "results": results, "skipped": skipped}
 
 
+# Targets on an H100 (bf16), from the core-ops and attention issues: forward + backward time against
+# the stock op (at most this ratio), and for the element-wise and row-wise ops the bandwidth each
+# pass reaches, against a large device-to-device copy on the same card.
+TIME_TARGETS = {"gelu[none]": 1.0, "gelu[tanh]": 1.0, "layer_norm": 1.0, "rms_norm": 1.0,
+                "attention[flash] vs unfused": 1.0, "attention[tempo] vs unfused": 1.1}
+BANDWIDTH_TARGET = 0.7
+BANDWIDTH_OPS = ("gelu[none]", "gelu[tanh]", "layer_norm", "rms_norm")
+
+
+def check_targets(report):
+    """[(what, measured, target, met)] for the GPU targets of this report; [] without a GPU."""
+    if report["device"] != "cuda":
+        return []
+    rows = {r["op"]: r for r in report["results"]}
+    out = []
+    for op, bound in TIME_TARGETS.items():
+        if op in rows:
+            ratio = rows[op]["ours"]["full_s"] / rows[op]["stock"]["full_s"]
+            out.append((f"{op}: fwd+bwd time / stock", ratio, f"<= {bound}", ratio <= bound))
+    copy = report["copy_GBps"]
+    for op in BANDWIDTH_OPS:
+        if op in rows and copy:
+            for phase in ("fwd", "bwd"):
+                share = rows[op]["ours"][f"{phase}_GBps"] / copy
+                out.append((f"{op}: {phase} GB/s / copy GB/s", share, f">= {BANDWIDTH_TARGET}",
+                            share >= BANDWIDTH_TARGET))
+    return out
+
+
 def format_table(report):
     lines = [header(report["machine"]), f"dtype {report['dtype']}, size {report['size']}"]
     if report["copy_GBps"]:
@@ -242,6 +271,11 @@ def format_table(report):
                      f"{s['peak_bytes'] / 2**20:>8.1f}")
         lines.append(line)
     lines.append("x stock: our time / stock time (below 1 is faster). saved: bytes kept for backward.")
+    targets = check_targets(report)
+    if targets:
+        lines.append("targets (H100 bf16):")
+        lines += [f"  {what:<52}{value:>6.2f} (target {target})  {'met' if met else 'NOT met'}"
+                  for what, value, target, met in targets]
     for group, why in report["skipped"].items():
         lines.append(f"skipped {group}: {why}")
     return "\n".join(lines)
