@@ -112,6 +112,22 @@ unsigned grid_for(int64_t n_bytes) {
     return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, max_blocks)));
 }
 
+void check_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {
+    TORCH_CHECK(dy.is_cuda() && y.is_cuda() && bits.is_cuda(), "gelu_bwd: inputs must be CUDA tensors");
+    check_gelu_bwd_args(dy, y, bits);
+}
+
+template <typename Derivative, typename scalar_t>
+void launch_bwd(Derivative derivative, const at::Tensor& dy, const at::Tensor& y,
+                const at::Tensor& bits, at::Tensor& dx) {
+    const int64_t n = y.numel();
+    if (n == 0) return;
+    gelu_bwd_kernel<<<grid_for(bits.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        derivative, dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
+        dx.data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
@@ -134,26 +150,6 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {y, bits};
 }
-
-namespace {
-
-void check_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {
-    TORCH_CHECK(dy.is_cuda() && y.is_cuda() && bits.is_cuda(), "gelu_bwd: inputs must be CUDA tensors");
-    check_gelu_bwd_args(dy, y, bits);
-}
-
-template <typename Derivative, typename scalar_t>
-void launch_bwd(Derivative derivative, const at::Tensor& dy, const at::Tensor& y,
-                const at::Tensor& bits, at::Tensor& dx) {
-    const int64_t n = y.numel();
-    if (n == 0) return;
-    gelu_bwd_kernel<<<grid_for(bits.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        derivative, dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
-        dx.data_ptr<scalar_t>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-}  // namespace
 
 at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {
     check_bwd_args(dy, y, bits);

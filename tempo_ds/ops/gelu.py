@@ -24,7 +24,10 @@ def derivative_table(dtype, tanh_form, device):
     """GELU'(x(y, bit)) for every 16-bit y of dtype: float32 [2, 65536] on device, row = branch
     bit, column = the bit pattern of y. Built once (float64 Newton inversion, rounded once to
     float32) and cached."""
-    key = (dtype, bool(tanh_form), torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one table per GPU, however it is named
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (dtype, bool(tanh_form), device)
     table = _tables.get(key)
     if table is None:
         if dtype not in TABLE_DTYPES:
