@@ -13,7 +13,8 @@ import sys
 import torch
 
 
-def rows(load=False):
+def rows(load=False, failed=None):
+    """One dict per op builder. failed: {op name: error} of builds already tried (not retried)."""
     from .op_builder import FAMILIES
     out = []
     for family, (cpu_cls, cuda_cls) in FAMILIES.items():
@@ -21,7 +22,9 @@ def rows(load=False):
             builder = cls()
             compatible = builder.is_compatible(verbose=False)
             error = ""
-            if load and compatible:
+            if failed and builder.NAME in failed:
+                error = "build failed (its log is printed above)"
+            elif load and compatible:
                 try:
                     builder.load(verbose=False)
                 except Exception as err:  # report, don't stop: the table is the point
@@ -72,15 +75,15 @@ def main(argv=None):
           f"deepspeed {deepspeed.__version__} | CUDA_HOME {resolve_cuda_home() or cpp_extension.CUDA_HOME}")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"GPU: {gpu}")
-    if args.parallel:
-        for name, log in build_in_parallel().items():
-            print(f"build of {name} failed:\n{log}")
+    failed = build_in_parallel() if args.parallel else {}
+    for name, log in failed.items():
+        print(f"build of {name} failed:\n{log}")
     header = f"{'op':<20}{'device':<8}{'compatible':<12}{'built':<8}{'prebuilt':<10}{'loaded':<8}{'runs here':<10}"
     print(header)
     print("-" * len(header))
     failed = False
     yes = lambda b: "yes" if b else "no"  # noqa: E731
-    for r in rows(args.load):
+    for r in rows(args.load, failed):
         print(f"{r['op']:<20}{r['device']:<8}{yes(r['compatible']):<12}{yes(r['built']):<8}"
               f"{yes(r['prebuilt']):<10}{yes(r['loaded']):<8}{yes(r['runnable']):<10}"
               + (f" error: {r['error']}" if r["error"] else ""))

@@ -61,6 +61,14 @@ def test_arch_specific_arch_lists_build(arch_list, flags, torch_list, monkeypatc
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected and builder._jit_arch_list == arch_list
 
 
+def test_report_does_not_retry_a_failed_parallel_build():
+    failed = {CPU_BUILDERS[0].NAME: "log"}
+    row = next(r for r in report.rows(load=True, failed=failed) if r["op"] == CPU_BUILDERS[0].NAME)
+    assert row["error"] == "build failed (its log is printed above)"
+    with pytest.raises(SystemExit):
+        report.main(["--parallel"])  # --parallel only with --load
+
+
 def test_report_lists_every_op(capsys):
     assert report.main([]) == 0
     out = capsys.readouterr().out

@@ -184,8 +184,11 @@ class TempoCUDAOpBuilder(TempoBuilderMixin, CUDAOpBuilder):
         os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(
             r"\d+\.\d+", lambda m: restore(m.group(0)), os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
         numbers = {arch.replace(".", ""): suffix for arch, suffix in suffixes.items()}
-        return [re.sub(r"(compute|sm)_(\d+)\b", lambda m: f"{m.group(1)}_{m.group(2)}{numbers.get(m.group(2), '')}", a)
-                for a in args]
+
+        def add_suffix(m):  # "compute_90" -> "compute_90a"
+            return m.group(0) + numbers.get(m.group(1), "")
+
+        return [re.sub(r"(?:compute|sm)_(\d+)\b", add_suffix, a) for a in args]
 
     def jit_load(self, verbose=True):
         resolve_cuda_home()

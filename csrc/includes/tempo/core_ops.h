@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "tempo/alloc.h"
+#include "tempo/gelu.h"
 
 #include <optional>
 #include <vector>
@@ -57,7 +58,7 @@ inline void check_gelu_table(const at::Tensor& table, const at::Tensor& y) {
     TORCH_CHECK(y.scalar_type() == at::kHalf || y.scalar_type() == at::kBFloat16,
                 "gelu_bwd_table: y must be float16 or bfloat16, got ", y.scalar_type());
     TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.dim() == 2 &&
-                    table.size(0) == 2 && table.size(1) == (1 << 16),
+                    table.size(0) == 2 && table.size(1) == kGeluTableColumns,
                 "gelu_bwd_table: table must be a contiguous float32 [2, 65536] tensor, got ",
                 table.scalar_type(), " ", table.sizes());
     TORCH_CHECK(table.device() == y.device(), "gelu_bwd_table: table must be on y's device (",

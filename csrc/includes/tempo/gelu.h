@@ -157,7 +157,7 @@ struct TableDerivative {
 
     template <typename scalar_t>
     TEMPO_HD float operator()(scalar_t y, bool left) const {
-        const uint32_t i = (static_cast<uint32_t>(left) << 16) | static_cast<uint32_t>(y.x);
+        const uint32_t i = static_cast<uint32_t>(left) * kGeluTableColumns + static_cast<uint32_t>(y.x);
 #if defined(__CUDA_ARCH__)
         return __ldg(table + i);
 #else
