@@ -389,7 +389,9 @@ def test_over_2_pow_31_elements_cpu_forward():
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("hidden", [64, 1023, 1024, 1500, 12288])
+# Rows held in registers (64, 1024, 12288 in 16-bit; 12288 fp32 forward only) and streamed from
+# memory (1023 and 1500: not 16-byte multiples; 40960: longer than the registers hold).
+@pytest.mark.parametrize("hidden", [64, 1023, 1024, 1500, 12288, 40960])
 @pytest.mark.parametrize("mixed", [False, True], ids=["same", "mixed"])
 def test_cuda_matches_float64_and_cpu(op, dtype, hidden, mixed, poison):
     if mixed and dtype == torch.float32:
@@ -429,12 +431,13 @@ def _assert_roundings_apart(gpu, cpu, name, ulps=4):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
-def test_cuda_edge_cases(op, poison):
+@pytest.mark.parametrize("hidden", [1023, 1024], ids=["streamed", "registers"])
+def test_cuda_edge_cases(op, hidden, poison):
     b_of = (lambda b: b) if op == "layer_norm" else (lambda b: None)
-    x, w, b, dy = _make((0,), 256, torch.bfloat16, device="cuda")
+    x, w, b, dy = _make((0,), hidden, torch.bfloat16, device="cuda")
     _, _, dw, _ = _run(_ours(op), x, w, b_of(b), dy)
     assert torch.equal(dw, torch.zeros_like(w))
-    x, w, b, dy = _make((2000,), 1023, torch.bfloat16, device="cuda")
+    x, w, b, dy = _make((2000,), hidden, torch.bfloat16, device="cuda")
     first = _run(_ours(op), x, w, b_of(b), dy)
     again = _run(_ours(op), x, w, b_of(b), dy)
     for a, c in zip(first, again):
@@ -443,6 +446,27 @@ def test_cuda_edge_cases(op, poison):
     x[5, 3] = math.nan
     y, dx, dw, _ = _run(_ours(op), x, w, b_of(b), dy)
     assert dx[5].isnan().all() and dw.isnan().all() and dx[:5].isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["same", "mixed"])
+def test_cuda_unaligned_parameters(op, mixed, poison):
+    """Parameters that are views at an odd offset of a flat buffer (as ZeRO keeps them) cannot be
+    read 16 bytes at a time: the kernels read them element by element, with the same result."""
+    param_dtype = torch.float32 if mixed else torch.bfloat16
+    x, w, b, dy = _make((64,), 1024, torch.bfloat16, param_dtype=param_dtype, device="cuda")
+    b = b if op == "layer_norm" else None
+    flat = torch.empty(1 + 2 * 1024, dtype=param_dtype, device="cuda")
+    w_view = flat[1:1025].copy_(w)
+    b_view = None if b is None else flat[1025:].copy_(b)
+    assert w_view.data_ptr() % 16 != 0
+    aligned = _run(_ours(op), x, w, b, dy)
+    unaligned = _run(_ours(op), x, w_view, b_view, dy)
+    for name, a, u in zip(("y", "dx", "dweight", "dbias"), aligned, unaligned):
+        assert (a is None) == (u is None), name
+        if a is not None:
+            assert torch.equal(a, u), name
 
 
 @pytest.mark.gpu

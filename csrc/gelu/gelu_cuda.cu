@@ -2,8 +2,8 @@
 //
 // Bytes kept for backward per element: stock GELU keeps x (sizeof(T)); this keeps 1/8 (one branch
 // bit), because the output y it also needs is kept by the next linear layer anyway.
-// One thread owns one byte of branch bits, i.e. 8 consecutive elements, so the bits are written
-// without atomics. Offsets are int64: tensors over 2^31 elements are supported.
+// A thread owns whole bytes of branch bits, i.e. packs of 8 consecutive elements, so the bits are
+// written without atomics. Offsets are int64: tensors over 2^31 elements are supported.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +16,10 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// Bytes of branch bits (packs of 8 elements) each thread handles per loop step. All their loads
+// are issued before any math, so a thread keeps kUnroll loads of 16 bytes (16-bit storage) in
+// flight instead of one: the element math (erfc, or a table gather) then hides behind memory.
+constexpr int kUnroll = 4;
 
 template <typename scalar_t>
 struct alignas(sizeof(scalar_t) * 8) Pack8 {
@@ -27,6 +31,34 @@ __device__ __forceinline__ bool pack_aligned(const scalar_t* p) {
     return (reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<scalar_t>)) == 0;
 }
 
+// Elements [base, base + 8) of p; those at or past n read as zero. `full`: the whole pack is in
+// range and p is pack-aligned, so it is one vector load.
+template <typename scalar_t>
+__device__ __forceinline__ Pack8<scalar_t> load_pack(const scalar_t* p, int64_t base, int64_t n, bool full) {
+    if (full) return *reinterpret_cast<const Pack8<scalar_t>*>(p + base);
+    Pack8<scalar_t> out;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) out.v[k] = base + k < n ? p[base + k] : scalar_t(0);
+    return out;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* p, const Pack8<scalar_t>& in, int64_t base, int64_t n,
+                                           bool full) {
+    if (full) {
+        *reinterpret_cast<Pack8<scalar_t>*>(p + base) = in;
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+        if (base + k < n) p[base + k] = in.v[k];
+}
+
+// Thread t of the grid handles bytes b = step + t + u * blockDim.x, u < kUnroll, of each step:
+// consecutive threads touch consecutive packs, so every load and store is coalesced.
+__device__ __forceinline__ int64_t first_step() { return int64_t(blockIdx.x) * blockDim.x * kUnroll; }
+__device__ __forceinline__ int64_t step_stride() { return int64_t(gridDim.x) * blockDim.x * kUnroll; }
+
 template <typename Form, typename scalar_t>
 __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
                                 scalar_t* __restrict__ y,        // [n]
@@ -35,32 +67,28 @@ __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
     using acc_t = typename compute_type<scalar_t>::type;
     const int64_t n_bytes = (n + 7) / 8;
     const bool aligned = pack_aligned(x) && pack_aligned(y);
-    for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_bytes;
-         b += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t base = b * 8;
-        Pack8<scalar_t> in, out;
-        const bool full = aligned && base + 8 <= n;
-        if (full) {
-            in = *reinterpret_cast<const Pack8<scalar_t>*>(x + base);
-        } else {
+    for (int64_t step = first_step(); step < n_bytes; step += step_stride()) {
+        Pack8<scalar_t> in[kUnroll];
 #pragma unroll
-            for (int k = 0; k < 8; ++k) in.v[k] = base + k < n ? x[base + k] : scalar_t(0);
+        for (int u = 0; u < kUnroll; ++u) {
+            const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
+            if (b < n_bytes) in[u] = load_pack(x, b * 8, n, aligned && b * 8 + 8 <= n);
         }
-        uint8_t packed = 0;
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const acc_t v = static_cast<acc_t>(in.v[k]);
-            out.v[k] = static_cast<scalar_t>(Form::value(v));
-            packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
-        }
-        if (full) {
-            *reinterpret_cast<Pack8<scalar_t>*>(y + base) = out;
-        } else {
+        for (int u = 0; u < kUnroll; ++u) {
+            const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
+            if (b >= n_bytes) continue;
+            Pack8<scalar_t> out;
+            uint8_t packed = 0;
 #pragma unroll
-            for (int k = 0; k < 8; ++k)
-                if (base + k < n) y[base + k] = out.v[k];
+            for (int k = 0; k < 8; ++k) {
+                const acc_t v = static_cast<acc_t>(in[u].v[k]);
+                out.v[k] = static_cast<scalar_t>(Form::value(v));
+                packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
+            }
+            store_pack(y, out, b * 8, n, aligned && b * 8 + 8 <= n);
+            bits[b] = packed;
         }
-        bits[b] = packed;
     }
 }
 
@@ -75,40 +103,36 @@ __global__ void gelu_bwd_kernel(Derivative derivative,
     using acc_t = typename compute_type<scalar_t>::type;
     const int64_t n_bytes = (n + 7) / 8;
     const bool aligned = pack_aligned(dy) && pack_aligned(y) && pack_aligned(dx);
-    for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n_bytes;
-         b += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t base = b * 8;
-        const bool full = aligned && base + 8 <= n;
-        Pack8<scalar_t> g, out, yy;
-        if (full) {
-            g = *reinterpret_cast<const Pack8<scalar_t>*>(dy + base);
-            yy = *reinterpret_cast<const Pack8<scalar_t>*>(y + base);
-        } else {
+    for (int64_t step = first_step(); step < n_bytes; step += step_stride()) {
+        Pack8<scalar_t> g[kUnroll], yy[kUnroll];
+        uint8_t packed[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
+            if (b >= n_bytes) continue;
+            const bool full = aligned && b * 8 + 8 <= n;
+            g[u] = load_pack(dy, b * 8, n, full);
+            yy[u] = load_pack(y, b * 8, n, full);
+            packed[u] = bits[b];
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
+            if (b >= n_bytes) continue;
+            Pack8<scalar_t> out;
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
-                g.v[k] = base + k < n ? dy[base + k] : scalar_t(0);
-                yy.v[k] = base + k < n ? y[base + k] : scalar_t(0);
+                const acc_t d = derivative(yy[u].v[k], (packed[u] >> k) & 1);
+                out.v[k] = static_cast<scalar_t>(static_cast<acc_t>(g[u].v[k]) * d);
             }
-        }
-        const uint8_t packed = bits[b];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const acc_t d = derivative(yy.v[k], (packed >> k) & 1);
-            out.v[k] = static_cast<scalar_t>(static_cast<acc_t>(g.v[k]) * d);
-        }
-        if (full) {
-            *reinterpret_cast<Pack8<scalar_t>*>(dx + base) = out;
-        } else {
-#pragma unroll
-            for (int k = 0; k < 8; ++k)
-                if (base + k < n) dx[base + k] = out.v[k];
+            store_pack(dx, out, b * 8, n, aligned && b * 8 + 8 <= n);
         }
     }
 }
 
 unsigned grid_for(int64_t n_bytes) {
     const int64_t max_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
-    const int64_t blocks = (n_bytes + kThreads - 1) / kThreads;
+    const int64_t blocks = (n_bytes + int64_t(kThreads) * kUnroll - 1) / (int64_t(kThreads) * kUnroll);
     return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, max_blocks)));
 }
 

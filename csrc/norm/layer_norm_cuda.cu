@@ -5,16 +5,20 @@
 // mean and rstd (8 bytes); this keeps rstd only (4 bytes), because the output y it also needs is
 // kept by the next linear layer anyway. In bf16 at hidden size h: 2h + 8 -> 4 bytes per token.
 //
-// Layout:
-//   norm_fwd_kernel / norm_bwd_kernel: one block per row (grid-stride over rows), 16-byte
-//     vectorised loads when every row start is aligned, fp32 statistics from tree reductions
-//     (warp shuffles, then across warps in a fixed order). Each pass re-reads the row from global
-//     memory rather than staging it: one row per block (N * sizeof(T) bytes) is live at a time,
-//     which stays in L1/L2, and any N works without a shared-memory limit.
-//   norm_param_grad_partial_kernel: dgamma / dbeta as per-(column tile, row chunk) partials
-//     summed in a fixed order, no atomics; sum_chunks_kernel adds the chunks in chunk order.
-//     Chunk bounds depend on the row count only, so two runs are bit-identical.
-// Offsets are int64: tensors over 2^31 elements are supported.
+// Layout. Statistics are fp32, from tree reductions (warp shuffles, then across warps in a fixed
+// order). Offsets are int64: tensors over 2^31 elements are supported.
+//   Rows held in registers (16-byte aligned rows of at most kFwdItems * kMaxCachedThreads vectors
+//   forward and kBwdItems * kMaxCachedThreads backward: hidden 32768 / 16384 in bf16):
+//     norm_fwd_kernel: one block per row; each thread keeps up to kFwdItems 16-byte vectors of the
+//       row in registers, so x is read once and y written once.
+//     norm_bwd_kernel: one block per chunk of rows. Per row, dy and y are read once and dx written
+//       once; each thread also adds dy * x_hat and dy into registers for the columns it owns,
+//       which are the same in every row, and writes them as the chunk's dgamma / dbeta partials.
+//   Other rows (longer, or not 16-byte aligned) stream from global memory, one pass per step:
+//     norm_fwd_streaming_kernel / norm_bwd_streaming_kernel, with the partials from a separate
+//     norm_param_grad_partial_kernel that reads dy and y again.
+//   column_sum_kernel adds the partials of all chunks in chunk order. Chunk bounds depend on the
+//   row count only, never on the GPU, so dgamma / dbeta are bit-identical from run to run.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,13 +34,27 @@ namespace tempo {
 namespace cuda {
 namespace {
 
+// Streaming kernels: threads per row.
 constexpr int kMaxThreads = 512;
 constexpr int64_t kMaxRowBlocks = int64_t(1) << 30;
+// Register-held rows: at most kMaxCachedThreads threads per row, each keeping kFwdItems 16-byte
+// vectors forward, and kBwdItems backward, where dy, y and the dgamma / dbeta accumulators make
+// four arrays of that size (about 90 registers in bf16, two 256-thread blocks per SM).
+constexpr int kMaxCachedThreads = 1024;
+constexpr int kFwdItems = 4;
+constexpr int kBwdItems = 2;
 // Parameter-gradient tiles: 32 columns (one warp, coalesced) x 8 row lanes.
 constexpr int kColTile = 32;
 constexpr int kRowLanes = 8;
-// At most kMaxChunks row chunks of at least kMinChunkRows rows: enough blocks to fill the GPU
-// for small hidden sizes, and a partial buffer of at most kMaxChunks x N fp32 values.
+// column_sum_kernel: 32 columns x 16 chunk lanes.
+constexpr int kSumLanes = 16;
+// Row chunks of the parameter-gradient partials. Register-held rows: up to 1024 chunks of at
+// least 16 rows, so there are blocks for several waves on any GPU, while writing and re-reading
+// the partials (8 bytes per column per chunk) costs a few percent of the rows' traffic at 64 rows
+// per chunk. Streaming rows: at most 64 chunks of at least 32 rows, which bounds the partial
+// buffer to 64 x N fp32 values for rows of any length.
+constexpr int64_t kMaxCachedChunks = 1024;
+constexpr int64_t kMinCachedChunkRows = 16;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kMinChunkRows = 32;
 
@@ -64,6 +82,23 @@ __device__ __forceinline__ void store_vec(T* p, const acc_t (&in)[VEC]) {
 template <typename acc_t, typename param_t>
 __device__ __forceinline__ acc_t param_or(const param_t* p, int64_t j, acc_t neutral) {
     return p != nullptr ? static_cast<acc_t>(p[j]) : neutral;
+}
+
+// VEC parameters from column j, or the neutral value when the parameter is absent. Vector loads
+// need the parameter aligned to VEC elements (`vec_ok`), which a view into a flat parameter buffer
+// (ZeRO) need not be.
+template <int VEC, typename param_t, typename acc_t>
+__device__ __forceinline__ void load_params(const param_t* p, int64_t j, bool vec_ok, acc_t neutral,
+                                            acc_t (&out)[VEC]) {
+    if (p == nullptr) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = neutral;
+    } else if (vec_ok) {
+        load_vec<VEC>(p + j, out);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) out[k] = static_cast<acc_t>(p[j + k]);
+    }
 }
 
 // Sums NV values over the block (blockDim.x a multiple of 32); every thread gets the totals.
@@ -100,9 +135,152 @@ __device__ __forceinline__ void block_sum(acc_t (&v)[NV], acc_t* smem /* [32 * N
     __syncthreads();
 }
 
+// One block per row; thread t keeps vectors t, t + blockDim.x, ... (at most ITEMS) of the row.
+template <bool kRms, int VEC, int ITEMS, typename scalar_t, typename param_t,
+          typename acc_t = typename norm_acc_type<scalar_t>::type>
+__global__ void norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N a multiple of VEC
+                                const param_t* __restrict__ gamma,  // [N] or null
+                                const param_t* __restrict__ beta,   // [N] or null
+                                scalar_t* __restrict__ y,           // [M, N]
+                                acc_t* __restrict__ rstd,           // [M]
+                                int64_t M, int64_t N, acc_t eps, bool params_vec) {
+    __shared__ acc_t smem[32];
+    const int64_t vecs = N / VEC;
+    for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+        const scalar_t* xr = x + row * N;
+        scalar_t* yr = y + row * N;
+        // every load is issued before the first reduction; absent vectors are zeros
+        acc_t v[ITEMS][VEC];
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            if (c < vecs) {
+                load_vec<VEC>(xr + c * VEC, v[i]);
+            } else {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) v[i][k] = 0;
+            }
+        }
+        acc_t centre = 0;
+        if constexpr (!kRms) {
+            acc_t sum[1] = {0};
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) sum[0] += v[i][k];
+            block_sum(sum, smem);
+            centre = sum[0] / N;
+        }
+        // two passes over the registers (mean, then squared deviations), as in the streaming kernel
+        acc_t square[1] = {0};
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            if (threadIdx.x + int64_t(i) * blockDim.x >= vecs) continue;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) square[0] += (v[i][k] - centre) * (v[i][k] - centre);
+        }
+        block_sum(square, smem);
+        const acc_t r = norm_rstd(square[0] / N, eps);
+        if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            if (c >= vecs) continue;
+            acc_t w[VEC], b[VEC];
+            load_params<VEC>(gamma, c * VEC, params_vec, acc_t(1), w);
+            load_params<VEC>(beta, c * VEC, params_vec, acc_t(0), b);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) v[i][k] = norm_output(v[i][k], centre, r, w[k], b[k]);
+            store_vec<VEC>(yr + c * VEC, v[i]);
+        }
+    }
+}
+
+// One block per chunk of rows (blockIdx.x = chunk), the row layout of norm_fwd_kernel. dx row by
+// row; the chunk's dgamma / dbeta partials from per-thread register sums over its rows.
+template <bool kRms, int VEC, int ITEMS, typename scalar_t, typename param_t,
+          typename acc_t = typename norm_acc_type<scalar_t>::type>
+__global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of VEC
+                                const scalar_t* __restrict__ y,     // [M, N]
+                                const acc_t* __restrict__ rstd,     // [M]
+                                const param_t* __restrict__ gamma,  // [N] or null
+                                const param_t* __restrict__ beta,   // [N] or null
+                                scalar_t* __restrict__ dx,          // [M, N]
+                                acc_t* __restrict__ dgamma_part,    // [chunks, N] or null
+                                acc_t* __restrict__ dbeta_part,     // [chunks, N] or null
+                                int64_t M, int64_t N, int64_t chunk_rows, bool params_vec) {
+    __shared__ acc_t smem[64];
+    const int64_t vecs = N / VEC;
+    const int64_t chunk = blockIdx.x;
+    const int64_t row_end = M < (chunk + 1) * chunk_rows ? M : (chunk + 1) * chunk_rows;
+    acc_t dgamma[ITEMS][VEC], dbeta[ITEMS][VEC];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) dgamma[i][k] = dbeta[i][k] = 0;
+    for (int64_t row = chunk * chunk_rows; row < row_end; ++row) {
+        const scalar_t* dyr = dy + row * N;
+        const scalar_t* yr = y + row * N;
+        scalar_t* dxr = dx + row * N;
+        // g = gamma * dy and x_hat, both loads issued before the first use
+        acc_t g[ITEMS][VEC], xhat[ITEMS][VEC];
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            if (c < vecs) {
+                load_vec<VEC>(dyr + c * VEC, g[i]);
+                load_vec<VEC>(yr + c * VEC, xhat[i]);
+            } else {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) g[i][k] = xhat[i][k] = 0;
+            }
+        }
+        const acc_t r = rstd[row];
+        // sums[0] = sum(g), sums[1] = sum(g * x_hat)
+        acc_t sums[2] = {0, 0};
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            if (c >= vecs) continue;
+            acc_t w[VEC], b[VEC];
+            load_params<VEC>(gamma, c * VEC, params_vec, acc_t(1), w);
+            load_params<VEC>(beta, c * VEC, params_vec, acc_t(0), b);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                const acc_t d = g[i][k];
+                const acc_t xh = norm_recover_xhat(xhat[i][k], w[k], b[k]);
+                dgamma[i][k] += d * xh;
+                if constexpr (!kRms) dbeta[i][k] += d;
+                g[i][k] = w[k] * d;
+                xhat[i][k] = xh;
+                if constexpr (!kRms) sums[0] += g[i][k];
+                sums[1] += g[i][k] * xh;
+            }
+        }
+        block_sum(sums, smem);
+        const acc_t mean_g = kRms ? acc_t(0) : sums[0] / N;
+        const acc_t mean_g_xhat = sums[1] / N;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            if (c >= vecs) continue;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) g[i][k] = norm_input_grad(g[i][k], xhat[i][k], r, mean_g, mean_g_xhat);
+            store_vec<VEC>(dxr + c * VEC, g[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+        if (c >= vecs) continue;
+        if (dgamma_part != nullptr) store_vec<VEC>(dgamma_part + chunk * N + c * VEC, dgamma[i]);
+        if (dbeta_part != nullptr) store_vec<VEC>(dbeta_part + chunk * N + c * VEC, dbeta[i]);
+    }
+}
+
 template <bool kRms, int VEC, typename scalar_t, typename param_t,
           typename acc_t = typename norm_acc_type<scalar_t>::type>
-__global__ void norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N]
+__global__ void norm_fwd_streaming_kernel(const scalar_t* __restrict__ x,     // [M, N]
                                 const param_t* __restrict__ gamma,  // [N] or null
                                 const param_t* __restrict__ beta,   // [N] or null
                                 scalar_t* __restrict__ y,           // [M, N]
@@ -148,10 +326,11 @@ __global__ void norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N]
     }
 }
 
-// dx only; dgamma / dbeta come from norm_param_grad_partial_kernel.
+// dx only, for streaming rows; their dgamma / dbeta partials come from
+// norm_param_grad_partial_kernel.
 template <bool kRms, int VEC, typename scalar_t, typename param_t,
           typename acc_t = typename norm_acc_type<scalar_t>::type>
-__global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N]
+__global__ void norm_bwd_streaming_kernel(const scalar_t* __restrict__ dy,    // [M, N]
                                 const scalar_t* __restrict__ y,     // [M, N]
                                 const acc_t* __restrict__ rstd,     // [M]
                                 const param_t* __restrict__ gamma,  // [N] or null
@@ -238,19 +417,53 @@ __global__ void norm_param_grad_partial_kernel(const scalar_t* __restrict__ dy, 
     }
 }
 
-// out[j] = sum over chunks of part[c, j], in chunk order (zero when there are no rows).
+// out[j] = sum over chunks of part[c, j] (zero when there are no chunks). Block (kColTile,
+// kSumLanes): lane l adds chunks l, l + kSumLanes, ... in order, then the lanes are added in lane
+// order, so the result is the same in every run.
 template <typename acc_t, typename param_t>
-__global__ void sum_chunks_kernel(const acc_t* __restrict__ part,  // [chunks, N] or null
+__global__ void column_sum_kernel(const acc_t* __restrict__ part,  // [chunks, N]
                                   param_t* __restrict__ out,       // [N]
                                   int64_t chunks, int64_t N) {
-    for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < N; j += int64_t(gridDim.x) * blockDim.x) {
-        acc_t sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += part[c * N + j];
-        out[j] = static_cast<param_t>(sum);
+    __shared__ acc_t tile[kSumLanes][kColTile + 1];
+    const int64_t col = int64_t(blockIdx.x) * kColTile + threadIdx.x;
+    acc_t sum = 0;
+    if (col < N)
+        for (int64_t c = threadIdx.y; c < chunks; c += kSumLanes) sum += part[c * N + col];
+    tile[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < N) {
+        acc_t total = 0;
+#pragma unroll
+        for (int lane = 0; lane < kSumLanes; ++lane) total += tile[lane][threadIdx.x];
+        out[col] = static_cast<param_t>(total);
     }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+bool aligned16(const void* p) { return aligned_to(p, 16); }
+
+// Parameters can be read VEC at a time (absent ones trivially can).
+template <typename param_t, int VEC>
+bool params_aligned(const param_t* gamma, const param_t* beta) {
+    return aligned_to(gamma, sizeof(param_t) * VEC) && aligned_to(beta, sizeof(param_t) * VEC);
+}
+
+// Threads per register-held row: enough for `items` vectors each, a multiple of one warp.
+int cached_threads(int64_t vecs, int items) {
+    const int64_t per_thread = (vecs + items - 1) / items;
+    return static_cast<int>(std::clamp<int64_t>((per_thread + 31) / 32 * 32, 32, kMaxCachedThreads));
+}
+
+// Row chunks of the parameter-gradient partials; the bounds depend on the row count only.
+struct RowChunks {
+    int64_t rows;
+    int64_t count;
+};
+
+RowChunks row_chunks(int64_t M, int64_t max_chunks, int64_t min_rows) {
+    const int64_t rows = std::max(min_rows, (M + max_chunks - 1) / max_chunks);
+    return {rows, (M + rows - 1) / rows};
+}
 
 // Calls fn(param_tag, vec_tag): param_t is float for mixed precision (16-bit x, fp32 gamma/beta)
 // and scalar_t otherwise; VEC is 16 bytes' worth of scalar_t when every row start is aligned.
@@ -283,6 +496,14 @@ void check_cuda(const char* op, const at::Tensor& t) {
     TORCH_CHECK(t.is_cuda(), op, ": tensors must be on a CUDA device");
 }
 
+// Elements per 16-byte vector, and whether rows of N such elements are held in registers with
+// `items` vectors per thread.
+int vec_width(const at::Tensor& t) { return 16 / static_cast<int>(t.element_size()); }
+
+bool rows_cached(int64_t N, int vec, bool vectorised, int items) {
+    return vectorised && N / vec <= int64_t(items) * kMaxCachedThreads;
+}
+
 template <bool kRms>
 std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias, double eps) {
@@ -295,17 +516,28 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std:
     auto rstd = empty_output({M}, x.options().dtype(acc_dtype));
     if (M == 0) return {y, rstd};
     const bool mixed = norm_host::param_dtype(x, weight, bias) != x.scalar_type();
+    const bool vectorised = N % vec_width(x) == 0 && aligned16(x.data_ptr()) && aligned16(y.data_ptr());
+    const bool cached = rows_cached(N, vec_width(x), vectorised, kFwdItems);
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tempo_norm_fwd", [&] {
         using acc_t = typename norm_acc_type<scalar_t>::type;
-        constexpr int kVec = 16 / sizeof(scalar_t);
-        const bool vectorised = N % kVec == 0 && aligned16(x.data_ptr()) && aligned16(y.data_ptr());
         with_param_and_vec<scalar_t>(mixed, vectorised, [&](auto param_tag, auto vec_tag) {
             using param_t = decltype(param_tag);
             constexpr int VEC = decltype(vec_tag)::value;
-            norm_fwd_kernel<kRms, VEC><<<row_blocks(M), row_threads(N, VEC), 0, stream>>>(
-                x.data_ptr<scalar_t>(), norm_host::data_or_null<param_t>(weight),
-                norm_host::data_or_null<param_t>(bias), y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), M, N,
+            const param_t* gamma = norm_host::data_or_null<param_t>(weight);
+            const param_t* beta = norm_host::data_or_null<param_t>(bias);
+            if constexpr (VEC > 1) {
+                if (cached) {
+                    norm_fwd_kernel<kRms, VEC, kFwdItems>
+                        <<<row_blocks(M), cached_threads(N / VEC, kFwdItems), 0, stream>>>(
+                            x.data_ptr<scalar_t>(), gamma, beta, y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), M,
+                            N, static_cast<acc_t>(eps), params_aligned<param_t, VEC>(gamma, beta));
+                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    return;
+                }
+            }
+            norm_fwd_streaming_kernel<kRms, VEC><<<row_blocks(M), row_threads(N, VEC), 0, stream>>>(
+                x.data_ptr<scalar_t>(), gamma, beta, y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), M, N,
                 static_cast<acc_t>(eps));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
@@ -326,45 +558,59 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
     auto dx = empty_output(y);
     auto dweight = norm_host::param_grad_like(weight);
     auto dbias = norm_host::param_grad_like(bias);
-    const int64_t chunk_rows = std::max(kMinChunkRows, (M + kMaxChunks - 1) / kMaxChunks);
-    const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
-    auto dweight_part = dweight.defined() ? at::empty({chunks, N}, rstd.options()) : at::Tensor();
-    auto dbias_part = dbias.defined() ? at::empty({chunks, N}, rstd.options()) : at::Tensor();
     const bool mixed = norm_host::param_dtype(y, weight, bias) != y.scalar_type();
+    const bool vectorised = N % vec_width(y) == 0 && aligned16(dy.data_ptr()) && aligned16(y.data_ptr()) &&
+                            aligned16(dx.data_ptr());
+    const bool cached = rows_cached(N, vec_width(y), vectorised, kBwdItems);
+    const RowChunks chunks = cached ? row_chunks(M, kMaxCachedChunks, kMinCachedChunkRows)
+                                    : row_chunks(M, kMaxChunks, kMinChunkRows);
+    auto dweight_part = dweight.defined() ? at::empty({chunks.count, N}, rstd.options()) : at::Tensor();
+    auto dbias_part = dbias.defined() ? at::empty({chunks.count, N}, rstd.options()) : at::Tensor();
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "tempo_norm_bwd", [&] {
         using acc_t = typename norm_acc_type<scalar_t>::type;
-        constexpr int kVec = 16 / sizeof(scalar_t);
-        const bool vectorised = N % kVec == 0 && aligned16(dy.data_ptr()) && aligned16(y.data_ptr()) &&
-                                aligned16(dx.data_ptr());
         with_param_and_vec<scalar_t>(mixed, vectorised, [&](auto param_tag, auto vec_tag) {
             using param_t = decltype(param_tag);
             constexpr int VEC = decltype(vec_tag)::value;
             const param_t* gamma = norm_host::data_or_null<param_t>(weight);
             const param_t* beta = norm_host::data_or_null<param_t>(bias);
-            if (M > 0) {
-                norm_bwd_kernel<kRms, VEC><<<row_blocks(M), row_threads(N, VEC), 0, stream>>>(
+            acc_t* gamma_part = dweight.defined() ? dweight_part.data_ptr<acc_t>() : nullptr;
+            acc_t* beta_part = dbias.defined() ? dbias_part.data_ptr<acc_t>() : nullptr;
+            bool rows_done = false;  // by the register-held kernel, partials included
+            if constexpr (VEC > 1) {
+                if (cached && M > 0) {
+                    norm_bwd_kernel<kRms, VEC, kBwdItems>
+                        <<<static_cast<unsigned>(chunks.count), cached_threads(N / VEC, kBwdItems), 0, stream>>>(
+                            dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), gamma, beta,
+                            dx.data_ptr<scalar_t>(), gamma_part, beta_part, M, N, chunks.rows,
+                            params_aligned<param_t, VEC>(gamma, beta));
+                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    rows_done = true;
+                }
+            }
+            if (!rows_done && M > 0) {
+                norm_bwd_streaming_kernel<kRms, VEC><<<row_blocks(M), row_threads(N, VEC), 0, stream>>>(
                     dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), gamma, beta,
                     dx.data_ptr<scalar_t>(), M, N);
                 C10_CUDA_KERNEL_LAUNCH_CHECK();
+                if (gamma_part != nullptr || beta_part != nullptr) {
+                    const dim3 grid(static_cast<unsigned>((N + kColTile - 1) / kColTile),
+                                    static_cast<unsigned>(chunks.count));
+                    norm_param_grad_partial_kernel<<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
+                        dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), gamma, beta, gamma_part, beta_part, M, N,
+                        chunks.rows);
+                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                }
             }
-            if (!dweight.defined() && !dbias.defined()) return;
-            acc_t* gamma_part = dweight.defined() ? dweight_part.data_ptr<acc_t>() : nullptr;
-            acc_t* beta_part = dbias.defined() ? dbias_part.data_ptr<acc_t>() : nullptr;
-            if (chunks > 0) {
-                const dim3 grid(static_cast<unsigned>((N + kColTile - 1) / kColTile), static_cast<unsigned>(chunks));
-                norm_param_grad_partial_kernel<<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
-                    dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), gamma, beta, gamma_part, beta_part, M, N,
-                    chunk_rows);
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
-            }
-            const unsigned sum_blocks = static_cast<unsigned>(std::min<int64_t>((N + 255) / 256, 4096));
+            const unsigned sum_blocks = static_cast<unsigned>((N + kColTile - 1) / kColTile);
             if (dweight.defined()) {
-                sum_chunks_kernel<<<sum_blocks, 256, 0, stream>>>(gamma_part, dweight.data_ptr<param_t>(), chunks, N);
+                column_sum_kernel<<<sum_blocks, dim3(kColTile, kSumLanes), 0, stream>>>(
+                    gamma_part, dweight.data_ptr<param_t>(), chunks.count, N);
                 C10_CUDA_KERNEL_LAUNCH_CHECK();
             }
             if (dbias.defined()) {
-                sum_chunks_kernel<<<sum_blocks, 256, 0, stream>>>(beta_part, dbias.data_ptr<param_t>(), chunks, N);
+                column_sum_kernel<<<sum_blocks, dim3(kColTile, kSumLanes), 0, stream>>>(
+                    beta_part, dbias.data_ptr<param_t>(), chunks.count, N);
                 C10_CUDA_KERNEL_LAUNCH_CHECK();
             }
         });
