@@ -216,6 +216,39 @@ def test_recover_check_off_skips_the_fallback():
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_recover_check_runs_once_per_parameter_state(op, monkeypatch):
+    """The check's verdict (and its device-to-host sync) is reused while gamma and beta cannot
+    have changed; an optimizer step, an in-place edit, other parameter tensors or another output
+    dtype make the next call check again."""
+    calls = []
+    real = norm_ops.unrecoverable_features
+    monkeypatch.setattr(norm_ops, "unrecoverable_features", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(norm_ops, "_warned_ops", set())
+    module = (TempoLayerNorm if op == "layer_norm" else TempoRMSNorm)(64)
+    x = torch.randn(4, 64, requires_grad=True)
+    for _ in range(3):  # micro-batches, or a forward and its recomputation
+        module(x).sum().backward()
+    assert len(calls) == 1
+    torch.optim.SGD(module.parameters(), lr=1e-3).step()  # a small step: gamma stays near 1
+    module(x).sum().backward()
+    assert len(calls) == 2
+    module(x.bfloat16()).sum().backward()  # fp32 parameters next to bf16 x: another bound R
+    assert len(calls) == 3
+    with torch.no_grad():
+        module.weight[5] = 0  # bumps the version counter
+    with pytest.warns(RuntimeWarning, match="keeps the input"):
+        module(x).sum().backward()
+    assert len(calls) == 4
+    module(x).sum().backward()  # the fallback verdict is kept too
+    assert len(calls) == 4
+    if op == "layer_norm":
+        w, b = torch.ones(64), torch.zeros(64)
+        layer_norm(x, w, b)
+        layer_norm(x, w, b.clone())  # another beta tensor
+        assert len(calls) == 6
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_backward_is_deterministic(op):
     """Two backward runs, and runs with 1 or 2 threads, give bit-identical gradients."""
     x, w, b, dy = _make((600,), 1023, torch.bfloat16, param_dtype=torch.float32)

@@ -15,11 +15,11 @@ namespace tempo {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-// Bytes of branch bits (packs of 8 elements) each thread handles per loop step. All their loads
-// are issued before any math, so a thread keeps kUnroll loads of 16 bytes (16-bit storage) in
-// flight instead of one: the element math (erfc, or a table gather) then hides behind memory.
-constexpr int kUnroll = 4;
+// Launch shape, from a sweep on an H100 (docs/gelu.md): 128 threads, two bytes of branch bits
+// (packs of 8 elements) per thread, and a grid that covers the tensor, so a thread handles its
+// two packs once instead of looping. Both packs' loads are issued before any math.
+constexpr int kThreads = 128;
+constexpr int kUnroll = 2;
 
 template <typename scalar_t>
 struct alignas(sizeof(scalar_t) * 8) Pack8 {
@@ -130,10 +130,12 @@ __global__ void gelu_bwd_kernel(Derivative derivative,
     }
 }
 
+// One block per kThreads * kUnroll bytes of bits; the kernels' loop covers grids capped at the
+// CUDA limit (tensors of over 2^40 elements).
 unsigned grid_for(int64_t n_bytes) {
-    const int64_t max_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+    constexpr int64_t kMaxBlocks = (int64_t(1) << 31) - 1;
     const int64_t blocks = (n_bytes + int64_t(kThreads) * kUnroll - 1) / (int64_t(kThreads) * kUnroll);
-    return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, max_blocks)));
+    return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxBlocks)));
 }
 
 void check_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {

@@ -7,8 +7,8 @@
 //
 // Layout. Statistics are fp32, from tree reductions (warp shuffles, then across warps in a fixed
 // order). Offsets are int64: tensors over 2^31 elements are supported.
-//   Rows held in registers (16-byte aligned rows of at most kFwdItems * kMaxCachedThreads vectors
-//   forward and kBwdItems * kMaxCachedThreads backward: hidden 32768 / 16384 in bf16):
+//   Rows held in registers (16-bit and fp32 storage, rows of 16-byte vectors, up to 2048 vectors
+//   forward and 1024 backward: hidden 16384 / 8192 in bf16):
 //     norm_fwd_kernel: one block per row; each thread keeps up to kFwdItems 16-byte vectors of the
 //       row in registers, so x is read once and y written once.
 //     norm_bwd_kernel: one block per chunk of rows. Per row, dy and y are read once and dx written
@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <iterator>
 #include <type_traits>
 
 #include "norm_host.h"
@@ -37,23 +38,28 @@ namespace {
 // Streaming kernels: threads per row.
 constexpr int kMaxThreads = 512;
 constexpr int64_t kMaxRowBlocks = int64_t(1) << 30;
-// Register-held rows: at most kMaxCachedThreads threads per row, each keeping kFwdItems 16-byte
-// vectors forward, and kBwdItems backward, where dy, y and the dgamma / dbeta accumulators make
-// four arrays of that size (about 90 registers in bf16, two 256-thread blocks per SM).
-constexpr int kMaxCachedThreads = 1024;
+// Register-held rows. A thread keeps kFwdItems 16-byte vectors forward and kBwdItems backward,
+// where dy, y and the dgamma / dbeta accumulators make four arrays of that size. The block size
+// is a compile-time choice among kFwdThreads / kBwdThreads (the smallest that holds the row), and
+// every kernel is bounded to 64 registers so that 1024 threads stay resident per SM. These shapes
+// are the fastest of a sweep on an H100 (docs/norm.md): a thread with more vectors backward spills,
+// and fewer resident threads leave memory idle.
 constexpr int kFwdItems = 4;
-constexpr int kBwdItems = 2;
+constexpr int kBwdItems = 1;
+constexpr int kFwdThreads[] = {128, 512};
+constexpr int kBwdThreads[] = {128, 512, 1024};
+constexpr int kResidentThreads = 1024;
 // Parameter-gradient tiles: 32 columns (one warp, coalesced) x 8 row lanes.
 constexpr int kColTile = 32;
 constexpr int kRowLanes = 8;
 // column_sum_kernel: 32 columns x 16 chunk lanes.
 constexpr int kSumLanes = 16;
-// Row chunks of the parameter-gradient partials. Register-held rows: up to 1024 chunks of at
-// least 16 rows, so there are blocks for several waves on any GPU, while writing and re-reading
-// the partials (8 bytes per column per chunk) costs a few percent of the rows' traffic at 64 rows
-// per chunk. Streaming rows: at most 64 chunks of at least 32 rows, which bounds the partial
+// Row chunks of the parameter-gradient partials. Register-held rows: up to 512 chunks of at
+// least 16 rows, so there are blocks for about two waves of an H100 (the sweep's best against
+// 1024 and 2048), while writing and re-reading the partials (8 bytes per column per chunk) costs
+// about 1% of the rows' traffic at 128 rows per chunk. Streaming rows: at most 64 chunks of at least 32 rows, which bounds the partial
 // buffer to 64 x N fp32 values for rows of any length.
-constexpr int64_t kMaxCachedChunks = 1024;
+constexpr int64_t kMaxCachedChunks = 512;
 constexpr int64_t kMinCachedChunkRows = 16;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kMinChunkRows = 32;
@@ -135,10 +141,10 @@ __device__ __forceinline__ void block_sum(acc_t (&v)[NV], acc_t* smem /* [32 * N
     __syncthreads();
 }
 
-// One block per row; thread t keeps vectors t, t + blockDim.x, ... (at most ITEMS) of the row.
-template <bool kRms, int VEC, int ITEMS, typename scalar_t, typename param_t,
+// One block per row; thread t keeps vectors t, t + THREADS, ... (at most ITEMS) of the row.
+template <bool kRms, int VEC, int ITEMS, int THREADS, typename scalar_t, typename param_t,
           typename acc_t = typename norm_acc_type<scalar_t>::type>
-__global__ void norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N a multiple of VEC
+__global__ void __launch_bounds__(THREADS, kResidentThreads / THREADS) norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N a multiple of VEC
                                 const param_t* __restrict__ gamma,  // [N] or null
                                 const param_t* __restrict__ beta,   // [N] or null
                                 scalar_t* __restrict__ y,           // [M, N]
@@ -153,7 +159,7 @@ __global__ void norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N
         acc_t v[ITEMS][VEC];
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            const int64_t c = threadIdx.x + int64_t(i) * THREADS;
             if (c < vecs) {
                 load_vec<VEC>(xr + c * VEC, v[i]);
             } else {
@@ -175,7 +181,7 @@ __global__ void norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N
         acc_t square[1] = {0};
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-            if (threadIdx.x + int64_t(i) * blockDim.x >= vecs) continue;
+            if (threadIdx.x + int64_t(i) * THREADS >= vecs) continue;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) square[0] += (v[i][k] - centre) * (v[i][k] - centre);
         }
@@ -184,7 +190,7 @@ __global__ void norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N
         if (threadIdx.x == 0) rstd[row] = r;
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            const int64_t c = threadIdx.x + int64_t(i) * THREADS;
             if (c >= vecs) continue;
             acc_t w[VEC], b[VEC];
             load_params<VEC>(gamma, c * VEC, params_vec, acc_t(1), w);
@@ -198,9 +204,9 @@ __global__ void norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N
 
 // One block per chunk of rows (blockIdx.x = chunk), the row layout of norm_fwd_kernel. dx row by
 // row; the chunk's dgamma / dbeta partials from per-thread register sums over its rows.
-template <bool kRms, int VEC, int ITEMS, typename scalar_t, typename param_t,
+template <bool kRms, int VEC, int ITEMS, int THREADS, typename scalar_t, typename param_t,
           typename acc_t = typename norm_acc_type<scalar_t>::type>
-__global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of VEC
+__global__ void __launch_bounds__(THREADS, kResidentThreads / THREADS) norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of VEC
                                 const scalar_t* __restrict__ y,     // [M, N]
                                 const acc_t* __restrict__ rstd,     // [M]
                                 const param_t* __restrict__ gamma,  // [N] or null
@@ -226,7 +232,7 @@ __global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N
         acc_t g[ITEMS][VEC], xhat[ITEMS][VEC];
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            const int64_t c = threadIdx.x + int64_t(i) * THREADS;
             if (c < vecs) {
                 load_vec<VEC>(dyr + c * VEC, g[i]);
                 load_vec<VEC>(yr + c * VEC, xhat[i]);
@@ -240,7 +246,7 @@ __global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N
         acc_t sums[2] = {0, 0};
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            const int64_t c = threadIdx.x + int64_t(i) * THREADS;
             if (c >= vecs) continue;
             acc_t w[VEC], b[VEC];
             load_params<VEC>(gamma, c * VEC, params_vec, acc_t(1), w);
@@ -262,7 +268,7 @@ __global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N
         const acc_t mean_g_xhat = sums[1] / N;
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-            const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+            const int64_t c = threadIdx.x + int64_t(i) * THREADS;
             if (c >= vecs) continue;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) g[i][k] = norm_input_grad(g[i][k], xhat[i][k], r, mean_g, mean_g_xhat);
@@ -271,7 +277,7 @@ __global__ void norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-        const int64_t c = threadIdx.x + int64_t(i) * blockDim.x;
+        const int64_t c = threadIdx.x + int64_t(i) * THREADS;
         if (c >= vecs) continue;
         if (dgamma_part != nullptr) store_vec<VEC>(dgamma_part + chunk * N + c * VEC, dgamma[i]);
         if (dbeta_part != nullptr) store_vec<VEC>(dbeta_part + chunk * N + c * VEC, dbeta[i]);
@@ -448,10 +454,33 @@ bool params_aligned(const param_t* gamma, const param_t* beta) {
     return aligned_to(gamma, sizeof(param_t) * VEC) && aligned_to(beta, sizeof(param_t) * VEC);
 }
 
-// Threads per register-held row: enough for `items` vectors each, a multiple of one warp.
-int cached_threads(int64_t vecs, int items) {
-    const int64_t per_thread = (vecs + items - 1) / items;
-    return static_cast<int>(std::clamp<int64_t>((per_thread + 31) / 32 * 32, 32, kMaxCachedThreads));
+// Elements per 16-byte vector.
+int vec_width(const at::Tensor& t) { return 16 / static_cast<int>(t.element_size()); }
+
+// Calls fn(std::integral_constant<int, T>) with the smallest block size T of kChoices whose
+// threads hold a row of `vecs` vectors at ITEMS vectors each; false when none does.
+template <const auto& kChoices, int ITEMS, size_t I = 0, typename Fn>
+bool with_row_threads(int64_t vecs, const Fn& fn) {
+    if constexpr (I == std::size(kChoices)) {
+        return false;
+    } else {
+        constexpr int kThreads = kChoices[I];
+        if (vecs > int64_t(kThreads) * ITEMS) return with_row_threads<kChoices, ITEMS, I + 1>(vecs, fn);
+        fn(std::integral_constant<int, kThreads>{});
+        return true;
+    }
+}
+
+// Vectors of the longest row the largest block size holds.
+template <size_t K>
+constexpr int64_t row_capacity(const int (&choices)[K], int items) {
+    return int64_t(choices[K - 1]) * items;
+}
+
+// Rows held in registers: 16-bit or fp32 storage (fp64 rows stream), 16-byte vectors, and at most
+// `capacity` vectors per row.
+bool rows_cached(const at::Tensor& t, bool vectorised, int64_t capacity) {
+    return vectorised && t.scalar_type() != at::kDouble && t.size(1) / vec_width(t) <= capacity;
 }
 
 // Row chunks of the parameter-gradient partials; the bounds depend on the row count only.
@@ -496,14 +525,6 @@ void check_cuda(const char* op, const at::Tensor& t) {
     TORCH_CHECK(t.is_cuda(), op, ": tensors must be on a CUDA device");
 }
 
-// Elements per 16-byte vector, and whether rows of N such elements are held in registers with
-// `items` vectors per thread.
-int vec_width(const at::Tensor& t) { return 16 / static_cast<int>(t.element_size()); }
-
-bool rows_cached(int64_t N, int vec, bool vectorised, int items) {
-    return vectorised && N / vec <= int64_t(items) * kMaxCachedThreads;
-}
-
 template <bool kRms>
 std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias, double eps) {
@@ -517,7 +538,7 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std:
     if (M == 0) return {y, rstd};
     const bool mixed = norm_host::param_dtype(x, weight, bias) != x.scalar_type();
     const bool vectorised = N % vec_width(x) == 0 && aligned16(x.data_ptr()) && aligned16(y.data_ptr());
-    const bool cached = rows_cached(N, vec_width(x), vectorised, kFwdItems);
+    const bool cached = rows_cached(x, vectorised, row_capacity(kFwdThreads, kFwdItems));
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tempo_norm_fwd", [&] {
         using acc_t = typename norm_acc_type<scalar_t>::type;
@@ -526,13 +547,15 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std:
             constexpr int VEC = decltype(vec_tag)::value;
             const param_t* gamma = norm_host::data_or_null<param_t>(weight);
             const param_t* beta = norm_host::data_or_null<param_t>(bias);
-            if constexpr (VEC > 1) {
+            if constexpr (VEC > 1 && !std::is_same_v<scalar_t, double>) {
                 if (cached) {
-                    norm_fwd_kernel<kRms, VEC, kFwdItems>
-                        <<<row_blocks(M), cached_threads(N / VEC, kFwdItems), 0, stream>>>(
-                            x.data_ptr<scalar_t>(), gamma, beta, y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), M,
-                            N, static_cast<acc_t>(eps), params_aligned<param_t, VEC>(gamma, beta));
-                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    with_row_threads<kFwdThreads, kFwdItems>(N / VEC, [&](auto threads_tag) {
+                        constexpr int THREADS = decltype(threads_tag)::value;
+                        norm_fwd_kernel<kRms, VEC, kFwdItems, THREADS><<<row_blocks(M), THREADS, 0, stream>>>(
+                            x.data_ptr<scalar_t>(), gamma, beta, y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(),
+                            M, N, static_cast<acc_t>(eps), params_aligned<param_t, VEC>(gamma, beta));
+                        C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    });
                     return;
                 }
             }
@@ -561,7 +584,7 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
     const bool mixed = norm_host::param_dtype(y, weight, bias) != y.scalar_type();
     const bool vectorised = N % vec_width(y) == 0 && aligned16(dy.data_ptr()) && aligned16(y.data_ptr()) &&
                             aligned16(dx.data_ptr());
-    const bool cached = rows_cached(N, vec_width(y), vectorised, kBwdItems);
+    const bool cached = rows_cached(y, vectorised, row_capacity(kBwdThreads, kBwdItems));
     const RowChunks chunks = cached ? row_chunks(M, kMaxCachedChunks, kMinCachedChunkRows)
                                     : row_chunks(M, kMaxChunks, kMinChunkRows);
     auto dweight_part = dweight.defined() ? at::empty({chunks.count, N}, rstd.options()) : at::Tensor();
@@ -577,14 +600,17 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
             acc_t* gamma_part = dweight.defined() ? dweight_part.data_ptr<acc_t>() : nullptr;
             acc_t* beta_part = dbias.defined() ? dbias_part.data_ptr<acc_t>() : nullptr;
             bool rows_done = false;  // by the register-held kernel, partials included
-            if constexpr (VEC > 1) {
+            if constexpr (VEC > 1 && !std::is_same_v<scalar_t, double>) {
                 if (cached && M > 0) {
-                    norm_bwd_kernel<kRms, VEC, kBwdItems>
-                        <<<static_cast<unsigned>(chunks.count), cached_threads(N / VEC, kBwdItems), 0, stream>>>(
-                            dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), gamma, beta,
-                            dx.data_ptr<scalar_t>(), gamma_part, beta_part, M, N, chunks.rows,
-                            params_aligned<param_t, VEC>(gamma, beta));
-                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    with_row_threads<kBwdThreads, kBwdItems>(N / VEC, [&](auto threads_tag) {
+                        constexpr int THREADS = decltype(threads_tag)::value;
+                        norm_bwd_kernel<kRms, VEC, kBwdItems, THREADS>
+                            <<<static_cast<unsigned>(chunks.count), THREADS, 0, stream>>>(
+                                dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), gamma,
+                                beta, dx.data_ptr<scalar_t>(), gamma_part, beta_part, M, N, chunks.rows,
+                                params_aligned<param_t, VEC>(gamma, beta));
+                        C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    });
                     rows_done = true;
                 }
             }

@@ -48,9 +48,10 @@ class TempoLayerNorm(nn.Module):
     """Drop-in for nn.LayerNorm over the last dimension that saves its output y (shared with the
     next layer) and one fp32 rstd per row for backward, instead of its input and two statistics.
 
-    Attribute `recover_check` (default True): check before each training forward, at the cost of
-    one device-to-host sync, that gamma lets the input be recovered from the output, and keep
-    the input for that call if not (see tempo_ds/ops/norm.py and docs/norm.md).
+    Attribute `recover_check` (default True): check before a training forward that gamma lets the
+    input be recovered from the output, and keep the input for that call if not. The check costs
+    one device-to-host sync per parameter state, i.e. at most one per optimizer step (see
+    tempo_ds/ops/norm.py and docs/norm.md).
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None,
