@@ -8,6 +8,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <initializer_list>
+#include <type_traits>
+
 #include "tempo/core_ops.h"
 #include "tempo/gelu.h"
 
@@ -59,20 +62,22 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const Pack8<scalar_t>& i
 __device__ __forceinline__ int64_t first_step() { return int64_t(blockIdx.x) * blockDim.x * kUnroll; }
 __device__ __forceinline__ int64_t step_stride() { return int64_t(gridDim.x) * blockDim.x * kUnroll; }
 
-template <typename Form, typename scalar_t>
+// kWhole: n is a multiple of 8 and every pointer is pack-aligned, so every pack is one vector
+// access and the partial-pack path is not compiled in (fewer registers, more resident threads).
+template <typename Form, bool kWhole, typename scalar_t>
 __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
                                 scalar_t* __restrict__ y,        // [n]
                                 uint8_t* __restrict__ bits,      // [ceil(n/8)]
                                 int64_t n) {
     using acc_t = typename compute_type<scalar_t>::type;
     const int64_t n_bytes = (n + 7) / 8;
-    const bool aligned = pack_aligned(x) && pack_aligned(y);
+    const bool aligned = kWhole || (pack_aligned(x) && pack_aligned(y));
     for (int64_t step = first_step(); step < n_bytes; step += step_stride()) {
         Pack8<scalar_t> in[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
-            if (b < n_bytes) in[u] = load_pack(x, b * 8, n, aligned && b * 8 + 8 <= n);
+            if (b < n_bytes) in[u] = load_pack(x, b * 8, n, kWhole || (aligned && b * 8 + 8 <= n));
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -86,14 +91,14 @@ __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
                 out.v[k] = static_cast<scalar_t>(Form::value(v));
                 packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
             }
-            store_pack(y, out, b * 8, n, aligned && b * 8 + 8 <= n);
+            store_pack(y, out, b * 8, n, kWhole || (aligned && b * 8 + 8 <= n));
             bits[b] = packed;
         }
     }
 }
 
-// Derivative: NewtonDerivative<Form> or TableDerivative (tempo/gelu.h).
-template <typename Derivative, typename scalar_t>
+// Derivative: NewtonDerivative<Form> or TableDerivative (tempo/gelu.h); kWhole as above.
+template <typename Derivative, bool kWhole, typename scalar_t>
 __global__ void gelu_bwd_kernel(Derivative derivative,
                                 const scalar_t* __restrict__ dy,   // [n]
                                 const scalar_t* __restrict__ y,    // [n]
@@ -102,7 +107,7 @@ __global__ void gelu_bwd_kernel(Derivative derivative,
                                 int64_t n) {
     using acc_t = typename compute_type<scalar_t>::type;
     const int64_t n_bytes = (n + 7) / 8;
-    const bool aligned = pack_aligned(dy) && pack_aligned(y) && pack_aligned(dx);
+    const bool aligned = kWhole || (pack_aligned(dy) && pack_aligned(y) && pack_aligned(dx));
     for (int64_t step = first_step(); step < n_bytes; step += step_stride()) {
         Pack8<scalar_t> g[kUnroll], yy[kUnroll];
         uint8_t packed[kUnroll];
@@ -110,7 +115,7 @@ __global__ void gelu_bwd_kernel(Derivative derivative,
         for (int u = 0; u < kUnroll; ++u) {
             const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
             if (b >= n_bytes) continue;
-            const bool full = aligned && b * 8 + 8 <= n;
+            const bool full = kWhole || (aligned && b * 8 + 8 <= n);
             g[u] = load_pack(dy, b * 8, n, full);
             yy[u] = load_pack(y, b * 8, n, full);
             packed[u] = bits[b];
@@ -125,7 +130,7 @@ __global__ void gelu_bwd_kernel(Derivative derivative,
                 const acc_t d = derivative(yy[u].v[k], (packed[u] >> k) & 1);
                 out.v[k] = static_cast<scalar_t>(static_cast<acc_t>(g[u].v[k]) * d);
             }
-            store_pack(dx, out, b * 8, n, aligned && b * 8 + 8 <= n);
+            store_pack(dx, out, b * 8, n, kWhole || (aligned && b * 8 + 8 <= n));
         }
     }
 }
@@ -138,6 +143,19 @@ unsigned grid_for(int64_t n_bytes) {
     return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxBlocks)));
 }
 
+// Calls fn(std::bool_constant<kWhole>): the whole-pack kernels exist for 16-bit storage, the
+// memory-bound case; fp32 / fp64 storage is bound by its math and always takes the general path.
+template <typename scalar_t, typename Fn>
+void with_whole_packs(int64_t n, std::initializer_list<const void*> pointers, const Fn& fn) {
+    bool whole = sizeof(scalar_t) == 2 && n % 8 == 0;
+    for (const void* p : pointers)
+        whole = whole && reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<scalar_t>) == 0;
+    if constexpr (sizeof(scalar_t) == 2) {
+        if (whole) return fn(std::true_type{});
+    }
+    fn(std::false_type{});
+}
+
 void check_bwd_args(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits) {
     TORCH_CHECK(dy.is_cuda() && y.is_cuda() && bits.is_cuda(), "gelu_bwd: inputs must be CUDA tensors");
     check_gelu_bwd_args(dy, y, bits);
@@ -148,10 +166,13 @@ void launch_bwd(Derivative derivative, const at::Tensor& dy, const at::Tensor& y
                 const at::Tensor& bits, at::Tensor& dx) {
     const int64_t n = y.numel();
     if (n == 0) return;
-    gelu_bwd_kernel<<<grid_for(bits.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        derivative, dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
-        dx.data_ptr<scalar_t>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_whole_packs<scalar_t>(n, {dy.data_ptr(), y.data_ptr(), dx.data_ptr()}, [&](auto whole) {
+        gelu_bwd_kernel<Derivative, decltype(whole)::value>
+            <<<grid_for(bits.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                derivative, dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
+                dx.data_ptr<scalar_t>(), n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
 }
 
 }  // namespace
@@ -166,14 +187,17 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
         const unsigned grid = grid_for(bits.numel());
-        if (tanh_form)
-            gelu_fwd_kernel<GeluTanh><<<grid, kThreads, 0, stream>>>(
-                x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
-        else
-            gelu_fwd_kernel<GeluErf><<<grid, kThreads, 0, stream>>>(
-                x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
+        with_whole_packs<scalar_t>(n, {x.data_ptr(), y.data_ptr()}, [&](auto whole) {
+            constexpr bool kWhole = decltype(whole)::value;
+            if (tanh_form)
+                gelu_fwd_kernel<GeluTanh, kWhole><<<grid, kThreads, 0, stream>>>(
+                    x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
+            else
+                gelu_fwd_kernel<GeluErf, kWhole><<<grid, kThreads, 0, stream>>>(
+                    x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {y, bits};
 }
 
