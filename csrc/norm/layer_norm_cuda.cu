@@ -14,7 +14,8 @@
 //     norm_bwd_kernel: one block per chunk of rows. Per row, dy and y are read once and dx written
 //       once; each thread also adds dy * x_hat and dy into registers for the columns it owns,
 //       which are the same in every row, and writes them as the chunk's dgamma / dbeta partials.
-//   Other rows (longer, or not 16-byte aligned) stream from global memory, one pass per step:
+//   Other rows (longer, not whole 16-byte vectors or not aligned, fp64) stream from global
+//   memory, one pass per step:
 //     norm_fwd_streaming_kernel / norm_bwd_streaming_kernel, with the partials from a separate
 //     norm_param_grad_partial_kernel that reads dy and y again.
 //   column_sum_kernel adds the partials of all chunks in chunk order. Chunk bounds depend on the
@@ -57,8 +58,8 @@ constexpr int kSumLanes = 16;
 // Row chunks of the parameter-gradient partials. Register-held rows: up to 512 chunks of at
 // least 16 rows, so there are blocks for about two waves of an H100 (the sweep's best against
 // 1024 and 2048), while writing and re-reading the partials (8 bytes per column per chunk) costs
-// about 1% of the rows' traffic at 128 rows per chunk. Streaming rows: at most 64 chunks of at least 32 rows, which bounds the partial
-// buffer to 64 x N fp32 values for rows of any length.
+// about 1% of the rows' traffic at 128 rows per chunk. Streaming rows: at most 64 chunks of at
+// least 32 rows, which bounds the partial buffer to 64 x N fp32 values for rows of any length.
 constexpr int64_t kMaxCachedChunks = 512;
 constexpr int64_t kMinCachedChunkRows = 16;
 constexpr int64_t kMaxChunks = 64;
@@ -144,12 +145,13 @@ __device__ __forceinline__ void block_sum(acc_t (&v)[NV], acc_t* smem /* [32 * N
 // One block per row; thread t keeps vectors t, t + THREADS, ... (at most ITEMS) of the row.
 template <bool kRms, int VEC, int ITEMS, int THREADS, typename scalar_t, typename param_t,
           typename acc_t = typename norm_acc_type<scalar_t>::type>
-__global__ void __launch_bounds__(THREADS, kResidentThreads / THREADS) norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N a multiple of VEC
-                                const param_t* __restrict__ gamma,  // [N] or null
-                                const param_t* __restrict__ beta,   // [N] or null
-                                scalar_t* __restrict__ y,           // [M, N]
-                                acc_t* __restrict__ rstd,           // [M]
-                                int64_t M, int64_t N, acc_t eps, bool params_vec) {
+__global__ void __launch_bounds__(THREADS, kResidentThreads / THREADS)
+norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N a multiple of VEC
+                const param_t* __restrict__ gamma,  // [N] or null
+                const param_t* __restrict__ beta,   // [N] or null
+                scalar_t* __restrict__ y,           // [M, N]
+                acc_t* __restrict__ rstd,           // [M]
+                int64_t M, int64_t N, acc_t eps, bool params_vec) {
     __shared__ acc_t smem[32];
     const int64_t vecs = N / VEC;
     for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
@@ -206,15 +208,16 @@ __global__ void __launch_bounds__(THREADS, kResidentThreads / THREADS) norm_fwd_
 // row; the chunk's dgamma / dbeta partials from per-thread register sums over its rows.
 template <bool kRms, int VEC, int ITEMS, int THREADS, typename scalar_t, typename param_t,
           typename acc_t = typename norm_acc_type<scalar_t>::type>
-__global__ void __launch_bounds__(THREADS, kResidentThreads / THREADS) norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of VEC
-                                const scalar_t* __restrict__ y,     // [M, N]
-                                const acc_t* __restrict__ rstd,     // [M]
-                                const param_t* __restrict__ gamma,  // [N] or null
-                                const param_t* __restrict__ beta,   // [N] or null
-                                scalar_t* __restrict__ dx,          // [M, N]
-                                acc_t* __restrict__ dgamma_part,    // [chunks, N] or null
-                                acc_t* __restrict__ dbeta_part,     // [chunks, N] or null
-                                int64_t M, int64_t N, int64_t chunk_rows, bool params_vec) {
+__global__ void __launch_bounds__(THREADS, kResidentThreads / THREADS)
+norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of VEC
+                const scalar_t* __restrict__ y,     // [M, N]
+                const acc_t* __restrict__ rstd,     // [M]
+                const param_t* __restrict__ gamma,  // [N] or null
+                const param_t* __restrict__ beta,   // [N] or null
+                scalar_t* __restrict__ dx,          // [M, N]
+                acc_t* __restrict__ dgamma_part,    // [chunks, N] or null
+                acc_t* __restrict__ dbeta_part,     // [chunks, N] or null
+                int64_t M, int64_t N, int64_t chunk_rows, bool params_vec) {
     __shared__ acc_t smem[64];
     const int64_t vecs = N / VEC;
     const int64_t chunk = blockIdx.x;
