@@ -81,14 +81,14 @@ def main(argv=None):
     header = f"{'op':<20}{'device':<8}{'compatible':<12}{'built':<8}{'prebuilt':<10}{'loaded':<8}{'runs here':<10}"
     print(header)
     print("-" * len(header))
-    failed = False
+    any_error = False
     yes = lambda b: "yes" if b else "no"  # noqa: E731
     for r in rows(args.load, failed):
         print(f"{r['op']:<20}{r['device']:<8}{yes(r['compatible']):<12}{yes(r['built']):<8}"
               f"{yes(r['prebuilt']):<10}{yes(r['loaded']):<8}{yes(r['runnable']):<10}"
               + (f" error: {r['error']}" if r["error"] else ""))
-        failed |= bool(r["error"])
-    return 1 if failed else 0
+        any_error |= bool(r["error"])
+    return 1 if any_error else 0
 
 
 if __name__ == "__main__":

@@ -69,6 +69,19 @@ def test_report_does_not_retry_a_failed_parallel_build():
         report.main(["--parallel"])  # --parallel only with --load
 
 
+def test_report_main_passes_the_parallel_failures_on(monkeypatch, capsys):
+    """main hands rows() the builds that failed in their own processes, so none is retried."""
+    failed = {CPU_BUILDERS[0].NAME: "the compiler's log"}
+    monkeypatch.setattr(report, "build_in_parallel", lambda: failed)
+    seen = []
+    monkeypatch.setattr(report, "rows", lambda load, given=None: seen.append((load, given)) or [
+        {"op": CPU_BUILDERS[0].NAME, "device": "cpu", "compatible": True, "built": False, "prebuilt": False,
+         "loaded": False, "runnable": False, "error": "build failed (its log is printed above)"}])
+    assert report.main(["--load", "--parallel"]) == 1
+    assert seen == [(True, failed)]
+    assert "the compiler's log" in capsys.readouterr().out
+
+
 def test_report_lists_every_op(capsys):
     assert report.main([]) == 0
     out = capsys.readouterr().out
