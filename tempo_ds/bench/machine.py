@@ -32,6 +32,12 @@ def machine_info():
     return info
 
 
+def synchronize(device):
+    """Wait for the device's queued work (a no-op on CPU), before reading a clock or a counter."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def header(info):
     where = f"GPU {info['gpu']} (CUDA {info['cuda']})" if info["gpu"] else \
         f"CPU {info['cpu']} x{info['cpu_threads']} threads (no GPU: times are ratios, not speeds)"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..memory import SavedTensorLedger
-from .machine import header, machine_info
+from .machine import header, machine_info, synchronize
 
 
 @dataclass
@@ -118,16 +118,11 @@ CASE_GROUPS = {"gelu": _gelu_cases, "norm": _norm_cases, "dropout": _dropout_cas
                "attention": _attention_cases}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time(fn, device, reps, warmup=2):
     """Median seconds of fn() over reps runs."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     samples = []
     for _ in range(reps):
         if device.type == "cuda":

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .machine import header, machine_info
+from .machine import header, machine_info, synchronize
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2 ** 20
@@ -292,11 +292,6 @@ def train_step(engine, model, batch):
 
 
 # -- one variant ---------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _cleanup(engine, device):
     """After an out-of-memory error: drop half-made gradients and the allocator's cached blocks, so
     the next attempt starts from the fixed state."""
@@ -329,12 +324,12 @@ def _timed(engine, cfg, data, device, mb, first_step, log, label):
             train_step(engine, cfg["model"], data.get(first_step + i, mb))
         batches = [data.get(first_step + cfg["warmup"] + i, mb) for i in range(cfg["steps"])]
         losses = []
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for i, batch in enumerate(batches):
             _reseed(cfg["seed"], first_step + cfg["warmup"] + i)
             losses.append(train_step(engine, cfg["model"], batch))
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return {"micro_batch": mb, "steps": cfg["steps"], "seconds": seconds,
@@ -400,7 +395,7 @@ def run_variant(cfg, log):
         loss = _loss(cfg["model"], engine, data.get(1, 1))
         engine.backward(loss)
         del loss
-        _sync(device)
+        synchronize(device)
         fixed = torch.cuda.memory_allocated(device)
         engine.step()
         log(f"  fixed (parameters, gradients, optimizer state): {fixed / MiB:,.0f} MiB")
@@ -422,7 +417,7 @@ def run_variant(cfg, log):
             _reseed(cfg["seed"], step)
             train_step(engine, cfg["model"], data.get(step, mb))
             step += 1
-            _sync(device)
+            synchronize(device)
             return torch.cuda.max_memory_allocated(device) if on_gpu else 0
         peak = _attempt(probe, engine, device)
         if peak is not None and on_gpu:
