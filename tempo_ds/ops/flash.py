@@ -56,11 +56,12 @@ def _grouped_rows(t, groups):
 
 
 def _probs(q_chunk, k, lse, chunk, scale, causal, acc):
-    """Probabilities [b, ng, r·rows, cols] in acc from q rows, k and the rows' logsumexp (or, when
-    lse is None, the logsumexp computed here). Returns (probs, lse [b, ng, r·rows, 1])."""
+    """Probabilities [b, ng, r·rows, cols] in acc from q rows, k (already in acc) and the rows'
+    logsumexp (or, when lse is None, the logsumexp computed here). Returns (probs, lse
+    [b, ng, r·rows, 1])."""
     groups = k.shape[1]
     q_g = _grouped_rows(q_chunk, groups).to(acc)
-    scores = torch.matmul(q_g, k[:, :, :chunk.cols].to(acc).transpose(-1, -2)).mul_(scale)
+    scores = torch.matmul(q_g, k[:, :, :chunk.cols].transpose(-1, -2)).mul_(scale)
     if causal:
         rows = torch.arange(chunk.r0, chunk.r1, device=scores.device).view(-1, 1)
         hidden = torch.arange(chunk.cols, device=scores.device).view(1, -1) > rows
@@ -97,12 +98,14 @@ class RecomputeAttentionFunction(torch.autograd.Function):
         rows = _chunk_rows(chunk_size, b, heads, sq, sk)
         out = torch.empty(b, heads, sq, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, groups, heads // groups, sq, dtype=acc, device=q.device)
+        # converted once for all chunks (a no-op when the inputs are already in acc)
+        k_acc, v_acc = k.to(acc), v.to(acc)
         for r0 in range(0, sq, rows):
             chunk = _Chunk(r0, min(r0 + rows, sq), sk, causal)
-            probs, chunk_lse = _probs(q[:, :, chunk.r0:chunk.r1], k, None, chunk, scale, causal, acc)
+            probs, chunk_lse = _probs(q[:, :, chunk.r0:chunk.r1], k_acc, None, chunk, scale, causal, acc)
             if p > 0.0:
                 probs.mul_(_keep_scale(kernels, seed, p, shape, chunk, acc, groups))
-            o = torch.matmul(probs, v[:, :, :chunk.cols].to(acc))
+            o = torch.matmul(probs, v_acc[:, :, :chunk.cols])
             out[:, :, chunk.r0:chunk.r1] = o.view(b, heads, chunk.r1 - chunk.r0, -1)
             lse[..., chunk.r0:chunk.r1] = chunk_lse.view(b, groups, heads // groups, -1)
         if p > 0.0:
