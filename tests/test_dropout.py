@@ -171,6 +171,21 @@ def test_bad_shapes_are_named():
         ops.dropout(torch.arange(4), 0.1)
 
 
+def test_mask_block_kernel_checks_its_arguments(kernels):
+    """Direct calls into the extension: a negative offset, size or stride, a bad p or a bad seed
+    are refused by name before any kernel runs."""
+    seed = torch.tensor([7], dtype=torch.int64)
+    assert kernels.dropout_mask_block(seed, 0.1, 0, 2, 12, 3, 4, 4).shape == (2, 3, 4)
+    with pytest.raises(RuntimeError, match="dropout_mask_block: offset, sizes and strides must be non-negative"):
+        kernels.dropout_mask_block(seed, 0.1, -1, 2, 12, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="dropout_mask_block: offset, sizes and strides must be non-negative"):
+        kernels.dropout_mask_block(seed, 0.1, 0, 2, 12, 3, -4, 4)
+    with pytest.raises(RuntimeError, match=r"dropout_mask_block: p must be in \[0, 1\)"):
+        kernels.dropout_mask_block(seed, 1.0, 0, 2, 12, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="dropout_mask_block: seed must be an int64 tensor"):
+        kernels.dropout_mask_block(seed.int(), 0.1, 0, 2, 12, 3, 4, 4)
+
+
 def test_memory_contract_keeps_only_the_seed():
     x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)
     bias = torch.randn(256, dtype=torch.bfloat16, requires_grad=True)

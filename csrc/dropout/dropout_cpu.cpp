@@ -80,10 +80,7 @@ at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p) {
 
 at::Tensor dropout_mask_block(const at::Tensor& seed, double p, int64_t offset, int64_t outer,
                               int64_t outer_stride, int64_t rows, int64_t row_stride, int64_t cols) {
-    detail::check_seed(seed, seed, "dropout_mask_block");
-    detail::check_p(p, "dropout_mask_block");
-    TORCH_CHECK(offset >= 0 && outer >= 0 && rows >= 0 && cols >= 0 && outer_stride >= 0 && row_stride >= 0,
-                "dropout_mask_block: offset, sizes and strides must be non-negative");
+    detail::check_mask_block(seed, p, offset, outer, outer_stride, rows, row_stride, cols);
     auto mask = at::empty({outer, rows, cols}, seed.options().dtype(at::kBool));
     bool* out = mask.data_ptr<bool>();
     const DropoutParams d = make_dropout_params(read_seed(seed), p);

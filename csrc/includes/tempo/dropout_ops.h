@@ -64,6 +64,15 @@ inline void check_p(double p, const char* op) {
     TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
 }
 
+// The arguments of dropout_mask_block (both builds).
+inline void check_mask_block(const at::Tensor& seed, double p, int64_t offset, int64_t outer,
+                             int64_t outer_stride, int64_t rows, int64_t row_stride, int64_t cols) {
+    check_seed(seed, seed, "dropout_mask_block");
+    check_p(p, "dropout_mask_block");
+    TORCH_CHECK(offset >= 0 && outer >= 0 && rows >= 0 && cols >= 0 && outer_stride >= 0 && row_stride >= 0,
+                "dropout_mask_block: offset, sizes and strides must be non-negative");
+}
+
 // scores: [B, sq, sk]; mask: bool [b, heads, sq, sk] with b * heads == B, any strides.
 inline MaskView make_mask_view(const std::optional<at::Tensor>& mask, const at::Tensor& scores,
                                bool causal, const char* op) {
