@@ -30,8 +30,15 @@ struct alignas(sizeof(scalar_t) * 8) Pack8 {
 };
 
 template <typename scalar_t>
-__device__ __forceinline__ bool pack_aligned(const scalar_t* p) {
+__host__ __device__ __forceinline__ bool pack_aligned(const scalar_t* p) {
     return (reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<scalar_t>)) == 0;
+}
+
+// Pack b (elements [8b, 8b + 8)) is one vector access: always in the kWhole kernels, otherwise when
+// the pointers are pack-aligned and the pack lies inside the tensor.
+template <bool kWhole>
+__device__ __forceinline__ bool whole_pack(bool aligned, int64_t b, int64_t n) {
+    return kWhole || (aligned && b * 8 + 8 <= n);
 }
 
 // Elements [base, base + 8) of p; those at or past n read as zero. `full`: the whole pack is in
@@ -71,13 +78,13 @@ __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
                                 int64_t n) {
     using acc_t = typename compute_type<scalar_t>::type;
     const int64_t n_bytes = (n + 7) / 8;
-    const bool aligned = kWhole || (pack_aligned(x) && pack_aligned(y));
+    const bool aligned = pack_aligned(x) && pack_aligned(y);
     for (int64_t step = first_step(); step < n_bytes; step += step_stride()) {
         Pack8<scalar_t> in[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
-            if (b < n_bytes) in[u] = load_pack(x, b * 8, n, kWhole || (aligned && b * 8 + 8 <= n));
+            if (b < n_bytes) in[u] = load_pack(x, b * 8, n, whole_pack<kWhole>(aligned, b, n));
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -91,7 +98,7 @@ __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
                 out.v[k] = static_cast<scalar_t>(Form::value(v));
                 packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
             }
-            store_pack(y, out, b * 8, n, kWhole || (aligned && b * 8 + 8 <= n));
+            store_pack(y, out, b * 8, n, whole_pack<kWhole>(aligned, b, n));
             bits[b] = packed;
         }
     }
@@ -107,7 +114,7 @@ __global__ void gelu_bwd_kernel(Derivative derivative,
                                 int64_t n) {
     using acc_t = typename compute_type<scalar_t>::type;
     const int64_t n_bytes = (n + 7) / 8;
-    const bool aligned = kWhole || (pack_aligned(dy) && pack_aligned(y) && pack_aligned(dx));
+    const bool aligned = pack_aligned(dy) && pack_aligned(y) && pack_aligned(dx);
     for (int64_t step = first_step(); step < n_bytes; step += step_stride()) {
         Pack8<scalar_t> g[kUnroll], yy[kUnroll];
         uint8_t packed[kUnroll];
@@ -115,7 +122,7 @@ __global__ void gelu_bwd_kernel(Derivative derivative,
         for (int u = 0; u < kUnroll; ++u) {
             const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
             if (b >= n_bytes) continue;
-            const bool full = kWhole || (aligned && b * 8 + 8 <= n);
+            const bool full = whole_pack<kWhole>(aligned, b, n);
             g[u] = load_pack(dy, b * 8, n, full);
             yy[u] = load_pack(y, b * 8, n, full);
             packed[u] = bits[b];
@@ -130,7 +137,7 @@ __global__ void gelu_bwd_kernel(Derivative derivative,
                 const acc_t d = derivative(yy[u].v[k], (packed[u] >> k) & 1);
                 out.v[k] = static_cast<scalar_t>(static_cast<acc_t>(g[u].v[k]) * d);
             }
-            store_pack(dx, out, b * 8, n, kWhole || (aligned && b * 8 + 8 <= n));
+            store_pack(dx, out, b * 8, n, whole_pack<kWhole>(aligned, b, n));
         }
     }
 }
@@ -146,11 +153,10 @@ unsigned grid_for(int64_t n_bytes) {
 // Calls fn(std::bool_constant<kWhole>): the whole-pack kernels exist for 16-bit storage, the
 // memory-bound case; fp32 / fp64 storage is bound by its math and always takes the general path.
 template <typename scalar_t, typename Fn>
-void with_whole_packs(int64_t n, std::initializer_list<const void*> pointers, const Fn& fn) {
-    bool whole = sizeof(scalar_t) == 2 && n % 8 == 0;
-    for (const void* p : pointers)
-        whole = whole && reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<scalar_t>) == 0;
+void with_whole_packs(int64_t n, std::initializer_list<const scalar_t*> pointers, const Fn& fn) {
     if constexpr (sizeof(scalar_t) == 2) {
+        bool whole = n % 8 == 0;
+        for (const scalar_t* p : pointers) whole = whole && pack_aligned(p);
         if (whole) return fn(std::true_type{});
     }
     fn(std::false_type{});
@@ -166,7 +172,8 @@ void launch_bwd(Derivative derivative, const at::Tensor& dy, const at::Tensor& y
                 const at::Tensor& bits, at::Tensor& dx) {
     const int64_t n = y.numel();
     if (n == 0) return;
-    with_whole_packs<scalar_t>(n, {dy.data_ptr(), y.data_ptr(), dx.data_ptr()}, [&](auto whole) {
+    with_whole_packs<scalar_t>(n, {dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>()},
+                               [&](auto whole) {
         gelu_bwd_kernel<Derivative, decltype(whole)::value>
             <<<grid_for(bits.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
                 derivative, dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(),
@@ -187,7 +194,7 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
         const unsigned grid = grid_for(bits.numel());
-        with_whole_packs<scalar_t>(n, {x.data_ptr(), y.data_ptr()}, [&](auto whole) {
+        with_whole_packs<scalar_t>(n, {x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>()}, [&](auto whole) {
             constexpr bool kWhole = decltype(whole)::value;
             if (tanh_form)
                 gelu_fwd_kernel<GeluTanh, kWhole><<<grid, kThreads, 0, stream>>>(
