@@ -108,6 +108,14 @@ __device__ __forceinline__ void load_params(const param_t* p, int64_t j, bool ve
     }
 }
 
+// gamma and beta at columns [j, j + VEC): 1 and 0 where absent.
+template <int VEC, typename param_t, typename acc_t>
+__device__ __forceinline__ void load_gamma_beta(const param_t* gamma, const param_t* beta, int64_t j, bool vec_ok,
+                                                acc_t (&w)[VEC], acc_t (&b)[VEC]) {
+    load_params<VEC>(gamma, j, vec_ok, acc_t(1), w);
+    load_params<VEC>(beta, j, vec_ok, acc_t(0), b);
+}
+
 // Sums NV values over the block (blockDim.x a multiple of 32); every thread gets the totals.
 // The order of additions is fixed by blockDim, so the result is reproducible.
 template <int NV, typename acc_t>
@@ -195,8 +203,7 @@ norm_fwd_kernel(const scalar_t* __restrict__ x,     // [M, N], N a multiple of V
             const int64_t c = threadIdx.x + int64_t(i) * THREADS;
             if (c >= vecs) continue;
             acc_t w[VEC], b[VEC];
-            load_params<VEC>(gamma, c * VEC, params_vec, acc_t(1), w);
-            load_params<VEC>(beta, c * VEC, params_vec, acc_t(0), b);
+            load_gamma_beta<VEC>(gamma, beta, c * VEC, params_vec, w, b);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) v[i][k] = norm_output(v[i][k], centre, r, w[k], b[k]);
             store_vec<VEC>(yr + c * VEC, v[i]);
@@ -252,8 +259,7 @@ norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of V
             const int64_t c = threadIdx.x + int64_t(i) * THREADS;
             if (c >= vecs) continue;
             acc_t w[VEC], b[VEC];
-            load_params<VEC>(gamma, c * VEC, params_vec, acc_t(1), w);
-            load_params<VEC>(beta, c * VEC, params_vec, acc_t(0), b);
+            load_gamma_beta<VEC>(gamma, beta, c * VEC, params_vec, w, b);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 const acc_t d = g[i][k];
@@ -290,11 +296,11 @@ norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of V
 template <bool kRms, int VEC, typename scalar_t, typename param_t,
           typename acc_t = typename norm_acc_type<scalar_t>::type>
 __global__ void norm_fwd_streaming_kernel(const scalar_t* __restrict__ x,     // [M, N]
-                                const param_t* __restrict__ gamma,  // [N] or null
-                                const param_t* __restrict__ beta,   // [N] or null
-                                scalar_t* __restrict__ y,           // [M, N]
-                                acc_t* __restrict__ rstd,           // [M]
-                                int64_t M, int64_t N, acc_t eps) {
+                                          const param_t* __restrict__ gamma,  // [N] or null
+                                          const param_t* __restrict__ beta,   // [N] or null
+                                          scalar_t* __restrict__ y,           // [M, N]
+                                          acc_t* __restrict__ rstd,           // [M]
+                                          int64_t M, int64_t N, acc_t eps) {
     __shared__ acc_t smem[32];
     const int64_t start = int64_t(threadIdx.x) * VEC;
     const int64_t stride = int64_t(blockDim.x) * VEC;
@@ -340,12 +346,12 @@ __global__ void norm_fwd_streaming_kernel(const scalar_t* __restrict__ x,     //
 template <bool kRms, int VEC, typename scalar_t, typename param_t,
           typename acc_t = typename norm_acc_type<scalar_t>::type>
 __global__ void norm_bwd_streaming_kernel(const scalar_t* __restrict__ dy,    // [M, N]
-                                const scalar_t* __restrict__ y,     // [M, N]
-                                const acc_t* __restrict__ rstd,     // [M]
-                                const param_t* __restrict__ gamma,  // [N] or null
-                                const param_t* __restrict__ beta,   // [N] or null
-                                scalar_t* __restrict__ dx,          // [M, N]
-                                int64_t M, int64_t N) {
+                                          const scalar_t* __restrict__ y,     // [M, N]
+                                          const acc_t* __restrict__ rstd,     // [M]
+                                          const param_t* __restrict__ gamma,  // [N] or null
+                                          const param_t* __restrict__ beta,   // [N] or null
+                                          scalar_t* __restrict__ dx,          // [M, N]
+                                          int64_t M, int64_t N) {
     __shared__ acc_t smem[64];
     const int64_t start = int64_t(threadIdx.x) * VEC;
     const int64_t stride = int64_t(blockDim.x) * VEC;
@@ -461,16 +467,16 @@ bool params_aligned(const param_t* gamma, const param_t* beta) {
 int vec_width(const at::Tensor& t) { return 16 / static_cast<int>(t.element_size()); }
 
 // Calls fn(std::integral_constant<int, T>) with the smallest block size T of kChoices whose
-// threads hold a row of `vecs` vectors at ITEMS vectors each; false when none does.
+// threads hold a row of `vecs` vectors at ITEMS vectors each. Callers have checked with
+// rows_cached that the largest one does.
 template <const auto& kChoices, int ITEMS, size_t I = 0, typename Fn>
-bool with_row_threads(int64_t vecs, const Fn& fn) {
+void with_row_threads(int64_t vecs, const Fn& fn) {
     if constexpr (I == std::size(kChoices)) {
-        return false;
+        TORCH_INTERNAL_ASSERT(false, "a register-held row of ", vecs, " vectors is longer than any block holds");
     } else {
         constexpr int kThreads = kChoices[I];
         if (vecs > int64_t(kThreads) * ITEMS) return with_row_threads<kChoices, ITEMS, I + 1>(vecs, fn);
         fn(std::integral_constant<int, kThreads>{});
-        return true;
     }
 }
 
