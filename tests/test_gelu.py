@@ -1,5 +1,7 @@
 """In-place GELU: numerics against float64, the saving contract, and edge cases."""
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from tempo_ds.ops.gelu import TABLE_DTYPES, derivative_table
 
 from .numerics import DTYPES, assert_within_pytorch_error, max_err
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPROX = ["none", "tanh"]
 X_STAR = {"none": reference.GELU_FORMS[False].x_star, "tanh": reference.GELU_FORMS[True].x_star}
 
@@ -59,6 +62,51 @@ def test_forward_within_pytorch_error(dtype, approximate, poison):
     y = ops.gelu(x, approximate)
     assert_within_pytorch_error(y, F.gelu(x, approximate=approximate),
                                 F.gelu(x.double(), approximate=approximate), "y")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forward_is_faithful_for_every_16_bit_input(dtype, approximate, device):
+    """For every finite 16-bit x, y is within one unit in the last place of the exact GELU(x)
+    (float64, in the forms without cancellation), down to the far left tail where PyTorch's
+    1 + erf / 1 + tanh cancels to zero. The fp32 math behind it uses tempo::normal_tail's fitted
+    tail (erf form) and the exp2 sigmoid (tanh form) instead of erfcf and a division."""
+    x = _every_16_bit_output(dtype)
+    x = x[torch.isfinite(x)]
+    tanh_form = approximate == "tanh"
+    y, _ = _backend.ops("core", device).gelu_fwd(x.to(device), tanh_form)
+    y = y.cpu()
+    exact = reference.gelu_value(x.double(), tanh_form)
+    info = torch.finfo(dtype)
+    ulp = info.eps * exact.abs() + info.smallest_normal * info.eps
+    err = (y.double() - exact).abs()
+    assert float((err / ulp).max()) <= 1.0
+
+
+def _normal_tail_fit():
+    """csrc/includes/tempo/normal_tail_fit.py, which derives the constants of tempo::normal_tail."""
+    import importlib.util
+    path = os.path.join(ROOT, "csrc", "includes", "tempo", "normal_tail_fit.py")
+    spec = importlib.util.spec_from_file_location("normal_tail_fit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_normal_tail_constants_are_the_fit():
+    """The constants written in gelu.h reach the error of a fresh fit with its coefficients rounded
+    to fp32 (1e-7 relative): a mistyped or truncated coefficient fails."""
+    fit = _normal_tail_fit()
+    with open(os.path.join(ROOT, "csrc", "includes", "tempo", "gelu.h")) as f:
+        header = f.read()
+    body = header[header.index("TEMPO_HD float normal_tail(float u)"):]
+    b = float(re.search(r"kB = ([-+0-9.e]+)f;", body).group(1))
+    coef = [float(c) for c in re.findall(r"([-+0-9.e]+)f", re.search(r"kP\[\] = \{([^}]*)\}", body).group(1))]
+    assert len(coef) == fit.DEGREE + 1
+    assert b == pytest.approx(fit.B, rel=1e-8)
+    fresh = fit.max_error(fit.fit().float().double())
+    assert fit.max_error(torch.tensor(coef, dtype=torch.float64)) <= 1.05 * fresh
 
 
 @pytest.mark.parametrize("path", ["table", "newton"])
