@@ -90,7 +90,7 @@ stage gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=
 if [ "$tiny" = 1 ]; then
   stage bench-ops 60 python3 -m tempo_ds.bench ops --reps 2 --json "$results/bench_ops.json"
 else
-  stage bench-ops 90 python3 -m tempo_ds.bench ops --json "$results/bench_ops.json"
+  stage bench-ops 150 python3 -m tempo_ds.bench ops --json "$results/bench_ops.json"
 fi
 
 # -- 4: train benchmark -----------------------------------------------------------------------------
