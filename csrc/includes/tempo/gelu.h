@@ -18,13 +18,15 @@ namespace tempo {
 
 // Phi(-u) for u >= 0 in fp32 arithmetic, the left tail of the standard normal CDF:
 //   Phi(-u) = t 2^(P(t) - u^2 log2(e) / 2),  t = 1 / (1 + B u),
-// with P of degree 8 fitted to the exact tail on u in [0, 10 sqrt 2] (normal_tail_fit.py beside this
-// file derives the constants; beyond that range Phi(-u) underflows in fp32). Relative error, measured
-// against float64: the fit 1e-7 (with its coefficients in fp32), the fp32 evaluation about 1e-6 for u <= 4 and up to 5e-6 where
-// Phi nears fp32's smallest normal (the rounding of u^2); erfcf's bound is 4 ulp (5e-7). It costs a
-// reciprocal, 8 FMAs and one exp2, about a third of erfcf's instructions: with erfcf the erf
-// forward was compute-bound on an H100. For the fp32 math of 16-bit tensors, whose outputs round
-// at 2^-9 (bf16) or 2^-12 (fp16) relative; fp64 math (fp32 tensors) keeps libm's erfc.
+// with P of degree 8 fitted to the exact tail on u in [0, 10 sqrt 2] (normal_tail_fit.py beside
+// this file derives the constants; beyond that range Phi(-u) underflows in fp32).
+// Relative error against float64: 1e-7 for the fit with fp32 coefficients; about 1e-6 after fp32
+// evaluation, up to 5e-6 where Phi nears fp32's smallest normal (the rounding of u^2). erfcf's
+// bound is 4 ulp (5e-7).
+// Cost: a reciprocal, 8 FMAs and one exp2, under half of erfcf (28 against 62 sm_90
+// instructions); with erfcf the erf forward was compute-bound on an H100.
+// For the fp32 math of 16-bit tensors, whose outputs round at 2^-9 (bf16) or 2^-12 (fp16)
+// relative; fp64 math (fp32 tensors) keeps libm's erfc.
 TEMPO_HD float normal_tail(float u) {
     constexpr float kB = 2.757716447e-01f;
     constexpr float kP[] = {-3.184494019e+00f, 1.449251652e+00f, 5.491748452e-01f,
