@@ -23,7 +23,7 @@ namespace tempo {
 // Relative error against float64: 1e-7 for the fit with fp32 coefficients; about 1e-6 after fp32
 // evaluation, up to 5e-6 where Phi nears fp32's smallest normal (the rounding of u^2). erfcf's
 // bound is 4 ulp (5e-7).
-// Cost: a reciprocal, 8 FMAs and one exp2, under half of erfcf (28 against 62 sm_90
+// Cost: a reciprocal, 8 FMAs and one exp2, about half of erfcf (GELU's value: 27 against 51 sm_90
 // instructions); with erfcf the erf forward was compute-bound on an H100.
 // For the fp32 math of 16-bit tensors, whose outputs round at 2^-9 (bf16) or 2^-12 (fp16)
 // relative; fp64 math (fp32 tensors) keeps libm's erfc.
