@@ -94,7 +94,10 @@ else
 fi
 
 # -- 4: train benchmark -----------------------------------------------------------------------------
-budget_order=(stock tempo-flash tempo selective full)
+# The pair the targets compare (stock, tempo-flash) first: the first H100 run (2026-11-26), in the
+# default order, spent its 170 s on stock and the two recomputation variants.
+order=(stock tempo-flash tempo selective full)
+budget_order=("${order[@]}")
 if [ "$tiny" = 1 ]; then
   # CPU-sized: one step per point, the search capped at 2, a short sequence.
   size=(--steps 1 --warmup-steps 0 --max-micro-batch 2 --seq-length 32)
@@ -107,9 +110,6 @@ else
 fi
 # (timeout runs programs, not shell functions: the command is spelled out as an array)
 train=(python3 -m tempo_ds.bench train --out "$results" "${size[@]}")
-# The pair the targets compare (stock, tempo-flash) first: the first H100 run (2026-11-26), in the
-# default order, spent its 170 s on stock and the two recomputation variants.
-order=(stock tempo-flash tempo selective full)
 stage train-gpt2 170 "${train[@]}" --model gpt2 --variants "${order[@]}"
 stage train-bert 130 "${train[@]}" --model bert --variants "${order[@]}"
 stage train-gpt2-16GiB 110 "${train[@]}" --model gpt2 --memory-budget 16GiB --variants "${budget_order[@]}" "${gpt_budget_mb[@]}"
