@@ -1,12 +1,12 @@
 """Shared helpers for tests that build megatron-core models on CPU: tiny sizes, process groups,
 multi-process runs, and gathering tensor-parallel shards."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tempo_ds.megatron.parallel import free_local_port
 from tempo_ds.memory import models
 
 # Small enough for seconds on 2 shared cores, large enough for 2 heads per TP rank at TP=2.
@@ -60,12 +60,6 @@ def full_param(param, tensor=None, group=None):
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -82,4 +76,4 @@ def _worker(rank, world_size, port, fn, args):
 def spawn(fn, world_size, *args):
     """Run fn(rank, world_size, *args) in `world_size` fresh processes joined by gloo.
     fn must be importable (module level); an exception in any rank fails the call."""
-    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_local_port(), fn, args), nprocs=world_size, join=True)

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from tempo_ds.megatron.parallel import free_local_port
+
 STEPS = 3
 STAGES = (0, 1, 2, 3)
 TPS = (1, 2)
@@ -87,15 +89,13 @@ def worker(out_path):
 # -- the tests --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    # imported here: this file also runs as a plain script under torchrun, outside the package
-    from .megatron_utils import free_port
     folder = tmp_path_factory.mktemp("ds_train")
     out = folder / "results.json"
     env = dict(os.environ, TEMPO_DS_CACHE=str(folder / "cache"), OMP_NUM_THREADS="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), os.path.abspath(__file__), str(out)]
+           "--master_port", str(free_local_port()), os.path.abspath(__file__), str(out)]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     with open(out) as f:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from .megatron_utils import free_port
+from tempo_ds.megatron.parallel import free_local_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def test_deepspeed_launch_script_literally(tmp_path):
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(config))
     env = dict(os.environ, TEMPO_DS_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    cmd = ["deepspeed", "--master_port", str(free_port()), "launch/train_gpt2.sh", "--size", "tiny",
+    cmd = ["deepspeed", "--master_port", str(free_local_port()), "launch/train_gpt2.sh", "--size", "tiny",
            "--seq-length", "32", "--steps", "2", "--config", str(path), "--save", str(tmp_path / "ckpt")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr

@@ -28,6 +28,7 @@ _EXPORTS = {
     "MegatronTempoRMSNorm": "norm",
     "get_tempo_bias_dropout_add": "bda",
     "allreduce_sequence_parallel_grads": "parallel",
+    "free_local_port": "parallel",
     "TempoCoreAttention": "core_attention",
 }
 

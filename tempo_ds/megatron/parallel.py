@@ -6,10 +6,20 @@ finalize_model_grads sums those gradients over the tensor-parallel group for par
 `sequence_parallel=True` (the Tempo norms mark theirs); a plain loop, or DeepSpeed, does not, and
 would train each rank's copy of the norm on a different part of the data.
 """
+import socket
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["allreduce_sequence_parallel_grads"]
+__all__ = ["allreduce_sequence_parallel_grads", "free_local_port"]
+
+
+def free_local_port():
+    """A TCP port of 127.0.0.1 that is free now, for the rendezvous of a one-machine process
+    group. Another process may take it before the group binds it; a failed bind raises there."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def allreduce_sequence_parallel_grads(model, group=None):

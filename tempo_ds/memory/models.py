@@ -9,7 +9,6 @@ the tests.
 
 Both specs are built from the same config, so with the same torch seed they get the same weights.
 """
-import socket
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +16,6 @@ import torch.nn.functional as F
 ARCHS = ("gpt", "bert")
 SPECS = ("stock", "tempo")
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(tensor_parallel=1):
@@ -37,10 +30,11 @@ def init_distributed(tensor_parallel=1):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from ..megatron import enable_cpu
+    from ..megatron.parallel import free_local_port
     enable_cpu()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_local_port()}",
                                 rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)

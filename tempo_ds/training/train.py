@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import resource
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,13 +84,11 @@ def _single_process_defaults():
     """Without a launcher, run as rank 0 of 1 (DeepSpeed otherwise looks for MPI)."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tempo_ds.megatron.parallel import free_local_port
     # Without RANK no launcher set this process up, so a MASTER_PORT in the environment is a
     # leftover of some other process group: take a free port instead.
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(free_local_port()))
 
 
 def _say(message):
