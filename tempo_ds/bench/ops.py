@@ -263,17 +263,19 @@ def measure(fn, inputs, device, reps):
         zero()
         _first(fn(*inputs)).backward(grad)
 
-    out = _first(fn(*inputs))
+    def backward_timings():
+        # one retained graph, freed on return (before the peak of a full step is measured)
+        out = _first(fn(*inputs))
+
+        def bwd():
+            zero()
+            out.backward(grad, retain_graph=True)
+
+        return _time(bwd, device, reps), _time_device(bwd, device, reps)
+
     t_fwd = _time(fwd, device, reps)
     on_queue = {"fwd": _time_device(fwd, device, reps)}
-
-    def bwd():
-        zero()
-        out.backward(grad, retain_graph=True)
-
-    t_bwd = _time(bwd, device, reps)
-    on_queue["bwd"] = _time_device(bwd, device, reps)
-    del out
+    t_bwd, on_queue["bwd"] = backward_timings()
     peak = None
     if device.type == "cuda":
         torch.cuda.synchronize()
