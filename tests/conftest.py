@@ -34,8 +34,13 @@ def _seed():
 def poison():
     """Compiled kernels fill their fresh outputs with NaN while the test runs, so a kernel that
     forgets to write an element fails (the PyTorch fallback has no uninitialised outputs)."""
+    from tempo_ds.op_builder import FAMILIES
     from tempo_ds.ops import _backend
-    modules = [m for m in _backend.loaded_modules() if hasattr(m, "set_poison")]
+    # Load every family on every device here: a module loaded later, inside the test, would run
+    # unpoisoned (each compiled module keeps its own flag).
+    loaded = [_backend.ops(family, device) for family in FAMILIES for device in DEVICES]
+    modules = [m for m in loaded if hasattr(m, "set_poison")]
+    assert modules or _backend.mode() == "torch", "no compiled kernel module to poison"
     for m in modules:
         m.set_poison(True)
     yield

@@ -1,6 +1,5 @@
 """softmax_dropout_matmul and TempoCoreAttention: numerics against float64 and against Megatron,
 masks under recomputation, Megatron's masking edge cases, and the exact bytes kept."""
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tempo_ds import ops
+from tempo_ds.megatron.parallel import free_local_port
 from tempo_ds.memory import SavedTensorLedger
 from tempo_ds.ops import _backend
 from tempo_ds.ops.dropout import record_dropout_masks
@@ -20,12 +20,6 @@ MASKED = -10000.0
 @pytest.fixture
 def poisoned(poison):
     yield
-
-
-@pytest.fixture(autouse=True)
-def _load_kernels():
-    # loaded before the poison fixture collects the modules to poison
-    _backend.ops("dropout", "cpu")
 
 
 def causal_mask(s, device="cpu"):
@@ -216,12 +210,10 @@ def megatron():
     undo = enable_cpu()
     created = not dist.is_initialized()
     if created:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         # init_method rather than MASTER_* variables: those would leak into every later
         # subprocess of the test session and point it at this group's port
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_local_port()}",
+                                rank=0, world_size=1)
     owns_state = not parallel_state.model_parallel_is_initialized()
     if owns_state:
         parallel_state.initialize_model_parallel()

@@ -2,6 +2,7 @@
 convergence command. Nothing here is timed and nothing asserts a speed."""
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -47,9 +48,9 @@ def test_search_stops_at_the_cap():
 
 
 def test_search_rejects_bad_bounds():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="start=0"):
         largest_fitting(lambda n: True, start=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="start=8, cap=4"):
         largest_fitting(lambda n: True, start=8, cap=4)
 
 
@@ -57,8 +58,9 @@ def test_units_flops_and_peaks():
     assert train.parse_bytes("16GiB") == 16 * 2 ** 30
     assert train.parse_bytes("512 MiB") == 512 * 2 ** 20
     assert train.parse_bytes("2e9") == 2 * 10 ** 9
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="16 parsecs"):
         train.parse_bytes("16 parsecs")
+    # the dense bf16 peaks of NVIDIA's H100 datasheet (SXM and PCIe), as bench/train.py lists them
     assert train.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert train.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert train.bf16_peak_flops("Some Future GPU") is None
@@ -95,13 +97,26 @@ def test_ops_targets_are_judged_from_the_recorded_h100_report():
     path = os.path.join(ROOT, "docs", "results", "h100_2026-11-26", "bench_ops.json")
     with open(path) as f:
         report = json.load(f)
-    verdicts = {what: (round(value, 2), met) for what, value, _, met in ops.check_targets(report)}
-    assert verdicts["attention[flash] vs unfused: fwd+bwd time / stock"] == (0.22, True)
-    assert verdicts["attention[tempo] vs unfused: fwd+bwd time / stock"] == (0.69, True)
-    assert verdicts["gelu[tanh]: fwd+bwd time / stock"] == (1.14, False)
-    assert verdicts["gelu[tanh]: bwd GB/s / copy GB/s"] == (0.81, True)
-    assert verdicts["layer_norm: bwd GB/s / copy GB/s"] == (0.29, False)
-    assert len(verdicts) == len(ops.TIME_TARGETS) + 2 * len(ops.BANDWIDTH_OPS)
+    verdicts = {what: (value, met) for what, value, _, met in ops.check_targets(report)}
+    # each verdict from the report's own fields: time ratios of full steps, GB/s over the copy's
+    rows = {r["op"]: r for r in report["results"]}
+    expected = {}
+    for op, bound in ops.TIME_TARGETS.items():
+        ratio = rows[op]["ours"]["full_s"] / rows[op]["stock"]["full_s"]
+        expected[f"{op}: fwd+bwd time / stock"] = (ratio, ratio <= bound)
+    for op in ops.BANDWIDTH_OPS:
+        for phase in ("fwd", "bwd"):
+            share = rows[op]["ours"][f"{phase}_GBps"] / report["copy_GBps"]
+            expected[f"{op}: {phase} GB/s / copy GB/s"] = (share, share >= ops.BANDWIDTH_TARGET)
+    assert verdicts.keys() == expected.keys()
+    for what, (value, met) in expected.items():
+        assert verdicts[what] == (pytest.approx(value, rel=1e-12), met), what
+    # what docs/results.md reports of that run: both attention paths met their time targets, GELU
+    # tanh and the LayerNorm backward's bandwidth did not
+    assert verdicts["attention[flash] vs unfused: fwd+bwd time / stock"][1]
+    assert verdicts["attention[tempo] vs unfused: fwd+bwd time / stock"][1]
+    assert not verdicts["gelu[tanh]: fwd+bwd time / stock"][1]
+    assert not verdicts["layer_norm: bwd GB/s / copy GB/s"][1]
     assert "NOT met" in ops.format_table(report)
     assert ops.check_targets(dict(report, device="cpu")) == []  # no GPU, no verdicts
 
@@ -277,7 +292,10 @@ def test_convergence_command(tmp_path):
     curves = result["curves"]
     assert set(curves) == {"stock", "tempo", "stock (other dropout seed)"}
     assert all(len(c) == 3 for c in curves.values())
-    # Same weights, same data, same dropout seed: the first stock losses agree exactly; another
-    # dropout seed (or Tempo's own dropout stream) moves them.
-    assert result["max_diff_seed"] > 0 and result["max_diff_tempo"] >= 0
+    assert all(math.isfinite(loss) for c in curves.values() for loss in c)
+    # Same weights and data. Another dropout seed moves the stock losses, and so does Tempo's own
+    # dropout stream (it cannot match stock bit for bit); with these fixed seeds Tempo moves them
+    # less than the other seed does (0.003 against 0.013 on this machine), so 4x is a margin.
+    assert result["max_diff_seed"] > 0 and result["max_diff_tempo"] > 0
+    assert result["max_diff_tempo"] <= 4 * result["max_diff_seed"]
     assert "max |stock-tempo|" in proc.stdout

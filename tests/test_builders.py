@@ -65,8 +65,9 @@ def test_report_does_not_retry_a_failed_parallel_build():
     failed = {CPU_BUILDERS[0].NAME: "log"}
     row = next(r for r in report.rows(load=True, failed=failed) if r["op"] == CPU_BUILDERS[0].NAME)
     assert row["error"] == "build failed (its log is printed above)"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         report.main(["--parallel"])  # --parallel only with --load
+    assert exit_info.value.code == 2  # argparse's usage error
 
 
 def test_report_main_passes_the_parallel_failures_on(monkeypatch, capsys):

@@ -89,6 +89,7 @@ def worker(out_path):
 # -- the tests --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    # imported here: this file also runs as a plain script under torchrun, outside the package
     folder = tmp_path_factory.mktemp("ds_train")
     out = folder / "results.json"
     env = dict(os.environ, TEMPO_DS_CACHE=str(folder / "cache"), OMP_NUM_THREADS="1")
@@ -113,8 +114,9 @@ def test_tempo_matches_stock(results, tp, stage):
     assert on["losses"] == pytest.approx(off["losses"], rel=1e-4, abs=1e-5)
     # Every ZeRO stage trains the same model on the same data as stage 0. (TP 1 runs DP 2 and
     # TP 2 runs DP 1 on the two ranks, so their batches, and losses, differ.)
-    reference = results["zero"][f"tp{tp}-zero0-off"]["losses"]
-    assert off["losses"] == pytest.approx(reference, rel=1e-4, abs=1e-5)
+    if stage != 0:
+        reference = results["zero"][f"tp{tp}-zero0-off"]["losses"]
+        assert off["losses"] == pytest.approx(reference, rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -85,5 +85,7 @@ def test_flash_path_on_cpu_keeps_nothing_quadratic_without_dropout():
     assert model.decoder.layers[0].self_attention.core_attention.last_path == "flash:sdpa"
     assert max(r.nbytes for r in layer) <= seq * 4 * hidden * 4
     assert any("FlashAttention" in r.op for r in layer)
+    # the CLI's figure is this ledger's: the same layer's bytes per token
     result = measure_spec("gpt", "tempo", args)
+    assert result["bytes_per_token_per_layer"] == sum(r.nbytes for r in layer) / seq
     print(f"\ntempo flash path, dropout 0, CPU: {result['bytes_per_token_per_layer']:,.0f} B per token per layer")

@@ -8,16 +8,13 @@ from torch.utils.checkpoint import checkpoint
 
 from tempo_ds import ops
 from tempo_ds.memory import SavedTensorLedger
-from tempo_ds.ops import _backend
 from tempo_ds.ops.dropout import record_dropout_masks
 
 from .numerics import DTYPES, assert_within_pytorch_error
 
 
-@pytest.fixture(autouse=True)
-def _load_kernels(poison):
-    # loaded before the poison fixture collects the modules, so fresh kernel outputs are NaN-filled
-    _backend.ops("dropout", "cpu")
+# every test runs with fresh kernel outputs NaN-filled (conftest's poison fixture)
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def fused_qkv(b, heads, groups, s, hn, dtype=torch.float32):
