@@ -14,7 +14,7 @@ def tiny_atol(dtype):
 def max_err(a, ref):
     if a.numel() == 0:
         return 0.0
-    return float((a.double() - ref.double()).abs().max())
+    return float((a.detach().double() - ref.detach().double()).abs().max())
 
 
 def scaled_err(a, ref):
@@ -23,8 +23,8 @@ def scaled_err(a, ref):
     to 1e4) is checked at every magnitude."""
     if a.numel() == 0:
         return 0.0
-    ref = ref.double()
-    return float(((a.double() - ref).abs() / ref.abs().clamp(min=1.0)).max())
+    ref = ref.detach().double()
+    return float(((a.detach().double() - ref).abs() / ref.abs().clamp(min=1.0)).max())
 
 
 def assert_within_pytorch_error(ours, pytorch, ref, name="output", factor=2.0, atol=None, err=max_err):
