@@ -103,3 +103,91 @@ def test_import_tempo_ds_stays_light():
     import sys
     code = "import sys, tempo_ds; assert 'deepspeed' not in sys.modules and 'megatron' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_explicit_null_is_refused():
+    from tempo_ds.deepspeed.config import tempo_entry
+    assert not tempo_entry({"train_micro_batch_size_per_gpu": 1}).enabled  # absent: off
+    with pytest.raises(TempoConfigError, match='"tempo" must be .* got null'):
+        tempo_entry({"tempo": None})
+    with pytest.raises(TempoConfigError, match="got null"):
+        split_config({"tempo": None})
+
+
+@pytest.mark.parametrize("fields", [("deepspeed_config",), ("deepscale_config",)])
+def test_config_given_twice_is_refused_before_any_swap(fields):
+    """As DeepSpeed: one config, from config=/config_params= or from args (deepscale_config is
+    its deprecated name for deepspeed_config); both at once raise, here before the model is
+    touched."""
+    import argparse
+
+    import tempo_ds
+    from tempo_ds.deepspeed.engine import read_tempo_config
+    on = {"train_micro_batch_size_per_gpu": 1, "tempo": True}
+    args = argparse.Namespace(**{name: on for name in fields})
+    assert read_tempo_config(args=args).enabled  # the deprecated name is read too
+    model = nn.Sequential(nn.Linear(2, 2), nn.GELU())
+    with pytest.raises(ValueError, match=f"args.{fields[0]} and as config="):
+        tempo_ds.initialize(args=args, model=model, config={"train_micro_batch_size_per_gpu": 1})
+    assert isinstance(model[1], nn.GELU)
+    both = argparse.Namespace(deepspeed_config=on, deepscale_config=on)
+    with pytest.raises(ValueError, match="both set"):
+        tempo_ds.initialize(args=both, model=model)
+
+
+@pytest.mark.parametrize("config,dp,expected", [
+    ({"train_micro_batch_size_per_gpu": 4}, 2, (4, 1)),
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2, (4, 3)),
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}, 2, (8, 4)),
+    ({"train_batch_size": 64, "gradient_accumulation_steps": 4}, 2, (8, 4)),
+    ({"train_batch_size": 64}, 2, (32, 1)),
+])
+def test_trainer_batch_geometry_follows_deepspeed(config, dp, expected):
+    from tempo_ds.training.train import batch_geometry
+    assert batch_geometry(config, dp) == expected
+
+
+def test_trainer_micro_batch_override_keeps_the_accumulation(tmp_path):
+    from tempo_ds.training.train import build_ds_config, parse_args
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8,
+                                "gradient_accumulation_steps": 4}))
+    args = parse_args(["--config", str(path)])
+    assert build_ds_config(args, on_cpu=True)["train_batch_size"] == 64  # untouched without override
+    args = parse_args(["--config", str(path), "--micro-batch", "2"])
+    overridden = build_ds_config(args, on_cpu=True)
+    assert "train_batch_size" not in overridden
+    assert (overridden["train_micro_batch_size_per_gpu"], overridden["gradient_accumulation_steps"]) == (2, 4)
+    path.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ValueError, match="without gradient_accumulation_steps"):
+        build_ds_config(parse_args(["--config", str(path), "--micro-batch", "2"]), on_cpu=True)
+
+
+class _TwoRankMPU:
+    """The one mpu method the sequence-parallel check reads: a tensor-parallel group of two."""
+
+    @staticmethod
+    def get_tensor_model_parallel_world_size():
+        return 2
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sequence_parallel_under_zero_2_and_3_is_refused(stage, caplog):
+    """DeepSpeed does not sum the norm gradients that sequence parallelism leaves partial on each
+    tensor-parallel rank: ZeRO-2/3 (which reduce during backward) are refused before anything is
+    built, ZeRO-1 warns with the call that sums them."""
+    import logging
+
+    import tempo_ds
+    model = nn.LayerNorm(4)
+    for p in model.parameters():
+        p.sequence_parallel = True
+    config = {"train_micro_batch_size_per_gpu": 1, "tempo": True, "zero_optimization": {"stage": stage}}
+    if stage >= 2:
+        with pytest.raises(ValueError, match=f"ZeRO stage {stage}"):
+            tempo_ds.initialize(model=model, config=config, mpu=_TwoRankMPU())
+        return
+    from tempo_ds.deepspeed.engine import _check_sequence_parallel
+    with caplog.at_level(logging.WARNING, logger="tempo_ds"):
+        _check_sequence_parallel(model, config, _TwoRankMPU())
+    assert "allreduce_sequence_parallel_grads" in caplog.text

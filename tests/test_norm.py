@@ -380,14 +380,15 @@ def test_from_torch_reuses_parameters_and_state_dict():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rms_norm_default_eps_matches_torch(dtype):
-    """torch.nn.RMSNorm(eps=None) uses the epsilon of its math type; tiny inputs show the eps."""
+    """torch.nn.RMSNorm(eps=None) uses the epsilon of its math type; tiny inputs show the eps.
+    Ours has the same default, built directly or from the stock module."""
     stock = nn.RMSNorm(64, dtype=dtype)
-    ours = TempoRMSNorm.from_torch(stock)
     x = (torch.randn(4, 64) * 1e-4).to(dtype)
     eps = torch.finfo(torch.float32 if dtype in HALF_DTYPES else dtype).eps
-    with torch.no_grad():
-        ref = F.rms_norm(x.double(), (64,), stock.weight.double(), eps)
-        assert_within_pytorch_error(ours(x), stock(x), ref)
+    for ours in (TempoRMSNorm.from_torch(stock), TempoRMSNorm(64, dtype=dtype)):
+        with torch.no_grad():
+            ref = F.rms_norm(x.double(), (64,), stock.weight.double(), eps)
+            assert_within_pytorch_error(ours(x), stock(x), ref)
 
 
 def test_swap_modules():

@@ -15,8 +15,6 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-import torch.nn.functional as F
-
 from ..modules.swap import swap_modules
 
 logger = logging.getLogger("tempo_ds")
@@ -24,38 +22,48 @@ logger = logging.getLogger("tempo_ds")
 
 @dataclass(frozen=True)
 class AttributeSwap:
-    """Instances of `owner` (import path "module:Class") whose attribute in `attrs` holds one of
-    the functions in `replacements()` get the matching Tempo callable, which has no parameters."""
+    """Instances of `owner` (import path "module:Class") whose attribute in `attrs` holds a
+    function that `replacement` maps to a Tempo callable (which has no parameters) get that
+    callable, unless `blocked(instance)` gives a reason to leave the instance stock."""
     owner: str
     attrs: tuple
     kind: str
-    replacements: Callable  # () -> {stock function: factory of the Tempo callable}
+    replacement: Callable  # stock function -> factory of the Tempo callable, or None
+    blocked: Callable = lambda module: None  # instance -> why it must stay stock, or None
 
 
-def _gelu_replacements():
-    from megatron.core.transformer.utils import openai_gelu
-
+def _gelu_replacement(fn):
+    from ..megatron.specs import gelu_form
     from ..modules import TempoGELU
-    # Exact twins only. erf_gelu (which rounds sqrt(2) to 1.41421), quick_gelu, fast_gelu and silu
-    # have none and stay stock.
-    return {
-        F.gelu: lambda: TempoGELU("none"),
-        openai_gelu: lambda: TempoGELU("tanh"),
-    }
+    # Twins to rounding only (gelu_form): erf_gelu, quick_gelu and silu stay stock.
+    form = gelu_form(fn)
+    return None if form is None else (lambda: TempoGELU(form))
 
 
-def _bda_replacements():
+def _mlp_runs_activation_attribute(mlp):
+    """Why MLP.forward would not call mlp.activation_func, or None when it does."""
+    config = mlp.config
+    if getattr(config, "use_te_activation_func", False):
+        return "use_te_activation_func builds Transformer Engine's activation"
+    if config.bias_activation_fusion:
+        return "bias_activation_fusion runs Megatron's fused bias-GELU, chosen by the function itself"
+    if config.gated_linear_unit:
+        return "gated_linear_unit calls config.activation_func inside its GLU"
+    return None
+
+
+def _bda_replacement(fn):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
     from ..megatron.bda import get_tempo_bias_dropout_add
-    return {get_bias_dropout_add: lambda: get_tempo_bias_dropout_add}
+    return (lambda: get_tempo_bias_dropout_add) if fn is get_bias_dropout_add else None
 
 
 ATTRIBUTE_SWAPS = (
     AttributeSwap("megatron.core.transformer.mlp:MLP", ("activation_func",), "gelu",
-                  _gelu_replacements),
+                  _gelu_replacement, _mlp_runs_activation_attribute),
     AttributeSwap("megatron.core.transformer.transformer_layer:TransformerLayer",
-                  ("self_attn_bda", "mlp_bda"), "dropout", _bda_replacements),
+                  ("self_attn_bda", "mlp_bda"), "dropout", _bda_replacement),
 )
 
 
@@ -69,7 +77,8 @@ def _import_owner(path):
 
 
 def swap_attributes(model, kinds):
-    """Apply ATTRIBUTE_SWAPS to `model` in place; returns {kind: count}."""
+    """Apply ATTRIBUTE_SWAPS to `model` in place; returns {kind: count}. An instance that a row's
+    `blocked` keeps stock is logged as a warning (once per reason), not counted."""
     counts = {}
     for row in ATTRIBUTE_SWAPS:
         if row.kind not in kinds:
@@ -77,13 +86,20 @@ def swap_attributes(model, kinds):
         owner = _import_owner(row.owner)
         if owner is None:
             continue
-        table = row.replacements()
-        for module in model.modules():
+        warned = set()
+        for name, module in model.named_modules():
             if not isinstance(module, owner):
                 continue
             for attr in row.attrs:
-                factory = table.get(getattr(module, attr, None))
+                factory = row.replacement(getattr(module, attr, None))
                 if factory is None:
+                    continue
+                reason = row.blocked(module)
+                if reason is not None:
+                    if reason not in warned:
+                        warned.add(reason)
+                        logger.warning("tempo_ds: %s %s keeps the stock %s: %s (first: %s)", row.owner.split(":")[1],
+                                       attr, row.kind, reason, name or "the model")
                     continue
                 setattr(module, attr, factory())
                 counts[row.kind] = counts.get(row.kind, 0) + 1
@@ -92,13 +108,17 @@ def swap_attributes(model, kinds):
 
 def _attention_from_stock(module, path):
     """TempoCoreAttention with the constructor arguments `module` (a DotProductAttention) was
-    built with, and its state (softmax_offset, when the config has one)."""
+    built with, its state (softmax_offset, when the config has one) and its train/eval mode."""
     from ..megatron.core_attention import TempoCoreAttention
     new = TempoCoreAttention(
         config=module.config, layer_number=module.layer_number, attn_mask_type=module.attn_mask_type,
         attention_type=module.attention_type, attention_dropout=module.attention_dropout.p,
-        softmax_scale=module.softmax_scale, pg_collection=module.pg_collection, path=path)
+        pg_collection=module.pg_collection, path=path)
+    # module.softmax_scale is the constructor's scale already divided by the layer-scaling
+    # coefficient; passing it to the constructor would divide it again
+    new.softmax_scale = module.softmax_scale
     new.load_state_dict(module.state_dict())
+    new.train(module.training)
     return new
 
 

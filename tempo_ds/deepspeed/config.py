@@ -111,7 +111,15 @@ def load_ds_config(config):
     raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
 
 
+def tempo_entry(ds_config):
+    """The TempoConfig of a DeepSpeed config dict: disabled when "tempo" is absent. An explicit
+    null is refused rather than read as absent, which would train the stock model without a word."""
+    if "tempo" in ds_config and ds_config["tempo"] is None:
+        raise TempoConfigError(f'"tempo" must be true, false or an object with fields {_field_list()}; got null')
+    return TempoConfig.parse(ds_config.get("tempo"))
+
+
 def split_config(ds_config):
     """(TempoConfig, the DeepSpeed config without the "tempo" key)."""
     rest = {k: v for k, v in ds_config.items() if k != "tempo"}
-    return TempoConfig.parse(ds_config.get("tempo")), rest
+    return tempo_entry(ds_config), rest

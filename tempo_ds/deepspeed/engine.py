@@ -15,27 +15,71 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 
 from .apply import prepare_ops, swap_model
-from .config import TempoConfig, load_ds_config, split_config
+from .config import TempoConfig, load_ds_config, split_config, tempo_entry
 
 logger = logging.getLogger("tempo_ds")
 
 
 def read_tempo_config(args=None, config=None, config_params=None):
-    """The TempoConfig that deepspeed.initialize's config arguments carry (same precedence as
-    DeepSpeed: config, then config_params, then args.deepspeed_config)."""
+    """The TempoConfig that deepspeed.initialize's config arguments carry, found as DeepSpeed finds
+    the config: config (or config_params), else args.deepspeed_config (or args.deepscale_config)."""
     source = _config_source(args, config, config_params)
     ds_config = load_ds_config(source)
     if ds_config is None:
         return TempoConfig.disabled()
-    return TempoConfig.parse(ds_config.get("tempo"))
+    return tempo_entry(ds_config)
+
+
+_ARGS_CONFIG_FIELDS = ("deepspeed_config", "deepscale_config")  # the second: DeepSpeed's deprecated name
 
 
 def _config_source(args, config, config_params):
+    """The one config deepspeed.initialize would read; a config given twice raises, as DeepSpeed
+    refuses it (here before any module is swapped, and whether or not Tempo is on)."""
     if config is None:
         config = config_params
-    if config is None and args is not None:
-        config = getattr(args, "deepspeed_config", None)
+    given = {name: getattr(args, name, None) for name in _ARGS_CONFIG_FIELDS}
+    in_args = [name for name, value in given.items() if value is not None]
+    if len(in_args) > 1:
+        raise ValueError("tempo_ds.initialize: args.deepspeed_config and args.deepscale_config are both "
+                         "set; DeepSpeed refuses this too, pass one")
+    if in_args:
+        if config is not None:
+            raise ValueError(f"tempo_ds.initialize: a DeepSpeed config was given both as args.{in_args[0]} "
+                             "and as config=/config_params=; DeepSpeed refuses this too, pass one")
+        config = given[in_args[0]]
     return config
+
+
+def _tensor_parallel_size(mpu):
+    if mpu is not None and hasattr(mpu, "get_tensor_model_parallel_world_size"):
+        return mpu.get_tensor_model_parallel_world_size()
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return 1
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _check_sequence_parallel(model, ds_config, mpu):
+    """Megatron's sequence parallelism leaves each tensor-parallel rank a partial gradient of the
+    norm parameters it marks `sequence_parallel`; Megatron's finalize_model_grads sums them, and
+    DeepSpeed does not. Under ZeRO-1 or none the caller can still sum them between backward and
+    step; ZeRO-2/3 reduce gradients during backward, so nothing could sum them in time."""
+    marked = [name for name, p in model.named_parameters() if getattr(p, "sequence_parallel", False)]
+    if not marked or _tensor_parallel_size(mpu) == 1:
+        return
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if stage >= 2:
+        raise ValueError(
+            f"tempo_ds.initialize: parameters marked sequence_parallel (e.g. {marked[0]}) need their "
+            f"gradients summed over the tensor-parallel group before the optimizer sees them, which "
+            f"ZeRO stage {stage} does not allow; use sequence_parallel=False or ZeRO stage 0/1")
+    logger.warning("tempo_ds: %d parameter(s) are marked sequence_parallel (e.g. %s): call "
+                   "tempo_ds.megatron.allreduce_sequence_parallel_grads(model) between engine.backward() "
+                   "and engine.step(); DeepSpeed does not sum them", len(marked), marked[0])
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -55,21 +99,24 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     source = _config_source(args, config, config_params)
     ds_config = load_ds_config(source)
-    tempo = TempoConfig.disabled() if ds_config is None else TempoConfig.parse(ds_config.get("tempo"))
+    tempo = TempoConfig.disabled() if ds_config is None else tempo_entry(ds_config)
     if not tempo.enabled:
         return deepspeed.initialize(**kwargs)
 
     if model is None:
         raise ValueError('tempo_ds.initialize: "tempo" is on but no model was given')
+    _check_sequence_parallel(model, ds_config, mpu)
     prepare_ops(tempo, get_accelerator().device_name())
     swap_model(model, tempo)
     model.tempo_config = tempo
 
     _, stripped = split_config(ds_config)
-    # DeepSpeed refuses a config given twice (args.deepspeed_config and config=), so the stripped
-    # dict replaces whichever argument carried it.
+    # DeepSpeed refuses a config given twice, so the stripped dict replaces whichever argument
+    # carried it.
     kwargs["config"], kwargs["config_params"] = stripped, None
-    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+    if any(getattr(args, name, None) is not None for name in _ARGS_CONFIG_FIELDS):
         kwargs["args"] = copy.copy(args)
-        kwargs["args"].deepspeed_config = None
+        for name in _ARGS_CONFIG_FIELDS:
+            if hasattr(args, name):
+                setattr(kwargs["args"], name, None)
     return deepspeed.initialize(**kwargs)

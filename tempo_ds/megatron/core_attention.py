@@ -19,11 +19,11 @@ It takes DotProductAttention's constructor and forward, and runs one of two path
          score in bf16) and a seed. Autograd node: SoftmaxDropoutMatmulFunctionBackward.
 
 `path` (constructor kwarg, else `config.tempo_attention_path`, else "auto") chooses. "auto" takes
-flash when it computes the same function as Megatron: no attention_bias, and either no mask or the
-causal mask type. With attn_mask_type == causal the causal mask is applied and attention_mask is
-not read, which is the convention of Megatron's fused softmax kernel (ScaledUpperTriangMaskedSoftmax)
-and of TEDotProductAttention; a padding or arbitrary mask goes to the tempo path, which honours it
-exactly as the unfused DotProductAttention does (fully masked rows included: uniform, not NaN).
+flash when it computes the same function as DotProductAttention's unfused softmax: no
+attention_bias, and either no mask or, with attn_mask_type == causal, the causal mask itself
+(checked once per mask tensor, is_causal_mask). Any other mask goes to the tempo path, which
+honours it exactly as the unfused DotProductAttention does (fully masked rows included: uniform,
+not NaN), so a document mask under the causal type is applied, not replaced by the causal one.
 
 Dropout uses config.attention_dropout (or the attention_dropout argument) in training and none in
 eval. Like DotProductAttention, the draw happens inside Megatron's RNG tracker fork unless sequence
@@ -57,6 +57,31 @@ def sdpa_runs_fused_kernel(q, k, v, p, causal, scale, enable_gqa):
     except (AttributeError, TypeError):
         return q.device.type == "cuda" or p == 0.0
     return choice not in (SDPBackend.MATH.value, SDPBackend.ERROR.value)
+
+
+_CAUSAL_VERDICT = "_tempo_is_causal"  # attribute of a mask tensor: (version, sq, sk, verdict)
+
+
+def is_causal_mask(mask, sq, sk):
+    """True when `mask` (bool, True = masked out, broadcastable to [b, np, sq, sk]) masks exactly
+    the keys after each query, bottom-right aligned (for sq == 1: none), i.e. what is_causal does.
+
+    Comparing costs a device-to-host synchronisation, so the verdict is kept on the mask tensor
+    for its current version: one check per mask, not per layer (Megatron passes the same mask to
+    every layer)."""
+    kept = getattr(mask, _CAUSAL_VERDICT, None)
+    state = (mask._version, sq, sk)
+    if kept is not None and kept[:3] == state:
+        return kept[3]
+    verdict = False
+    if mask.dtype == torch.bool and mask.dim() >= 2 and tuple(mask.shape[-2:]) == (sq, sk):
+        expected = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu(sk - sq + 1)
+        verdict = torch.equal(mask, expected.expand_as(mask))
+    try:
+        setattr(mask, _CAUSAL_VERDICT, (*state, verdict))
+    except (AttributeError, TypeError):
+        pass  # a tensor type that takes no attributes is checked on every call
+    return verdict
 
 
 class TempoCoreAttention(DotProductAttention):
@@ -95,14 +120,16 @@ class TempoCoreAttention(DotProductAttention):
                 f"groups={self.num_query_groups_per_partition}")
 
     def _choose_path(self, mask_type, attention_mask, attention_bias, sq, sk):
+        if self.path == "tempo":
+            return "tempo"
         causal = mask_type == AttnMaskType.causal
-        flash_ok = attention_bias is None and (attention_mask is None or causal) and (not causal or sq in (1, sk))
+        flash_ok = (attention_bias is None and (not causal or sq in (1, sk))
+                    and (attention_mask is None or (causal and is_causal_mask(attention_mask, sq, sk))))
         if self.path == "flash" and not flash_ok:
             raise ValueError("path='flash' needs no attention_bias, and either no attention_mask or "
-                             "attn_mask_type=causal with sq == sk; use path='tempo' or 'auto'")
-        if self.path == "tempo" or (self.path == "auto" and not flash_ok):
-            return "tempo"
-        return "flash"
+                             "attn_mask_type=causal with the causal mask itself (sq == sk, or sq == 1); "
+                             "use path='tempo' or 'auto'")
+        return "flash" if flash_ok else "tempo"
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -164,4 +191,4 @@ class TempoCoreAttention(DotProductAttention):
                                       scale=self.qk_coeff, softmax_in_fp32=self.keep_fp32_softmax, causal=causal)
 
 
-__all__ = ["PATHS", "TempoCoreAttention", "sdpa_runs_fused_kernel"]
+__all__ = ["PATHS", "TempoCoreAttention", "is_causal_mask", "sdpa_runs_fused_kernel"]

@@ -65,15 +65,23 @@ def tempo_gelu_tanh(x):
     return gelu(x, "tanh")
 
 
-def _tanh_gelus():
+def gelu_form(fn):
+    """The Tempo GELU form ("none" for erf, "tanh") whose math is `fn`'s to rounding, or None.
+
+    F.gelu (also as functools.partial with approximate=) and Megatron's openai_gelu, gelu_impl and
+    fast_gelu (whose sqrt(2/pi) is exact to 1e-11) have one. Megatron's erf_gelu has none: it divides
+    by 1.41421 instead of sqrt(2), which moves fp32 outputs by about 1e-6, beyond their rounding.
+    """
     from megatron.core import activations
     from megatron.core.transformer import utils
-    return {utils.openai_gelu, utils.gelu_impl, activations.fast_gelu}
-
-
-def _erf_gelus():
-    from megatron.core.transformer import utils
-    return {F.gelu, utils.erf_gelu}
+    if fn is F.gelu:
+        return "none"
+    if isinstance(fn, functools.partial) and fn.func is F.gelu and not fn.args and set(fn.keywords) <= {"approximate"}:
+        form = fn.keywords.get("approximate", "none")
+        return form if form in ("none", "tanh") else None
+    if fn in (utils.openai_gelu, utils.gelu_impl, activations.fast_gelu):
+        return "tanh"
+    return None
 
 
 def _tempo_activation(config):
@@ -81,23 +89,20 @@ def _tempo_activation(config):
     if act in (tempo_gelu, tempo_gelu_tanh):
         return act
     # Megatron-LM's --openai-gelu sets activation_func=openai_gelu; older configs carry the flag.
-    if getattr(config, "openai_gelu", False) or act in _tanh_gelus():
-        return tempo_gelu_tanh
-    if isinstance(act, functools.partial) and act.func is F.gelu:
-        return tempo_gelu_tanh if act.keywords.get("approximate") == "tanh" else tempo_gelu
-    if act in _erf_gelus():
-        return tempo_gelu
+    form = "tanh" if getattr(config, "openai_gelu", False) else gelu_form(act)
+    if form is not None:
+        return tempo_gelu_tanh if form == "tanh" else tempo_gelu
     raise NotImplementedError(
         f"apply_tempo_config: activation_func={getattr(act, '__name__', act)!r} has no Tempo "
-        "kernel (GELU in erf or tanh form does); use the stock spec's MLP for this model")
+        "kernel (GELU in erf or tanh form does; Megatron's erf_gelu rounds sqrt(2) to 1.41421, so it "
+        "has none); use the stock spec's MLP for this model")
 
 
 def apply_tempo_config(config):
     """A copy of `config` whose MLP runs the Tempo GELU.
 
-    Sets activation_func to tempo_gelu (erf; F.gelu / erf_gelu) or tempo_gelu_tanh (openai_gelu,
-    fast_gelu, gelu_impl, approximate="tanh", or config.openai_gelu) and bias_activation_fusion to
-    False. Idempotent; the argument is not modified. Raises NotImplementedError for activations
+    Sets activation_func to tempo_gelu (erf; F.gelu) or tempo_gelu_tanh (openai_gelu, fast_gelu,
+    gelu_impl, approximate="tanh", or config.openai_gelu) and bias_activation_fusion to False. Idempotent; the argument is not modified. Raises NotImplementedError for activations
     other than GELU.
     """
     activation = _tempo_activation(config)

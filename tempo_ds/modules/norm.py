@@ -111,7 +111,7 @@ class TempoRMSNorm(nn.Module):
     Attribute `recover_check` as in TempoLayerNorm (the rule is gamma_j == 0).
     """
 
-    def __init__(self, normalized_shape, eps=1e-6, elementwise_affine=True, device=None, dtype=None, *,
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *,
                  recover_check=True):
         super().__init__()
         self.normalized_shape = _single_feature_dim(normalized_shape, type(self).__name__)

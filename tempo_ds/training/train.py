@@ -104,9 +104,16 @@ def build_ds_config(args, on_cpu):
     if args.tempo != "config":
         ds_config["tempo"] = args.tempo == "on"
     if args.micro_batch is not None:
+        # The override keeps the accumulation steps and lets the global batch follow, which
+        # DeepSpeed derives once train_batch_size is gone. A file that fixes the global batch
+        # without the accumulation steps leaves no way to keep both.
+        if "train_batch_size" in ds_config and "gradient_accumulation_steps" not in ds_config:
+            raise ValueError(
+                f"--micro-batch {args.micro_batch} overrides train_micro_batch_size_per_gpu, but the config "
+                f"fixes train_batch_size ({ds_config['train_batch_size']}) without gradient_accumulation_steps; "
+                "set gradient_accumulation_steps in the config, or drop --micro-batch")
         ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
-    # DeepSpeed derives train_batch_size from micro-batch x accumulation x data-parallel size.
-    ds_config.pop("train_batch_size", None)
+        ds_config.pop("train_batch_size", None)
     if args.zero_stage is not None:
         ds_config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     if on_cpu:
@@ -115,6 +122,27 @@ def build_ds_config(args, on_cpu):
                 _say(f"tempo_ds: no GPU: {key} turned off, training in float32 on CPU")
                 ds_config[key] = {"enabled": False}
     return ds_config
+
+
+def batch_geometry(ds_config, dp):
+    """(micro-batch per GPU, gradient accumulation steps) as DeepSpeed derives them from the
+    config's train_batch_size, train_micro_batch_size_per_gpu and gradient_accumulation_steps
+    (any two of them, or one) and the data-parallel size. Inconsistent values are left to
+    DeepSpeed's own check."""
+    tbs = ds_config.get("train_batch_size")
+    mb = ds_config.get("train_micro_batch_size_per_gpu")
+    gas = ds_config.get("gradient_accumulation_steps")
+    if mb is None and gas is None and tbs is None:
+        raise ValueError("the config sets none of train_batch_size, train_micro_batch_size_per_gpu "
+                         "and gradient_accumulation_steps")
+    if mb is None:
+        if tbs is None:
+            raise ValueError("gradient_accumulation_steps alone does not give a batch size; set "
+                             "train_micro_batch_size_per_gpu or train_batch_size")
+        mb = tbs // (dp * (gas or 1))
+    if gas is None:
+        gas = tbs // (mb * dp) if tbs is not None else 1
+    return mb, gas
 
 
 def _data(args, seq_length, num_samples):
@@ -220,9 +248,9 @@ def run(args):
     from megatron.core import parallel_state as ps
 
     import tempo_ds
-    from tempo_ds.deepspeed.config import TempoConfig
+    from tempo_ds.deepspeed.config import tempo_entry
     from tempo_ds.deepspeed.mpu import MegatronMPU
-    from tempo_ds.megatron.cpu import enable_cpu
+    from tempo_ds.megatron.cpu import enable_cpu, is_cpu_enabled
     from tempo_ds.training.models import build_model
 
     _single_process_defaults()
@@ -232,30 +260,32 @@ def run(args):
     args.steps = args.steps if args.steps is not None else (60 if on_cpu else 1000)
     ds_config = build_ds_config(args, on_cpu)
     # Validate "tempo" before anything slow happens; tempo_ds.initialize reads it again.
-    tempo = TempoConfig.parse(ds_config.get("tempo"))
+    tempo = tempo_entry(ds_config)
     bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-    if on_cpu:
-        enable_cpu()
-
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
-    if not on_cpu:
-        torch.cuda.set_device(device)
-    ps.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+    # megatron's CPU patches, undone on the way out unless a caller had them on already
+    undo_cpu = enable_cpu() if on_cpu and not is_cpu_enabled() else None
     try:
-        return _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMPU, tempo_ds)
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+        if not on_cpu:
+            torch.cuda.set_device(device)
+        ps.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+        try:
+            return _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMPU, tempo_ds)
+        finally:
+            ps.destroy_model_parallel()
     finally:
-        ps.destroy_model_parallel()
+        if undo_cpu is not None:
+            undo_cpu()
 
 
 def _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMPU, tempo_ds):
     from megatron.core import parallel_state as ps
 
     _reseed(args.seed, 0)
-    mb = ds_config.get("train_micro_batch_size_per_gpu", 1)
-    gas = ds_config.get("gradient_accumulation_steps", 1)
     dp = ps.get_data_parallel_world_size()
+    mb, gas = batch_geometry(ds_config, dp)
     tokenizer, dataset = _data(args, args.seq_length, max(1, args.steps * gas * dp * mb))
 
     torch.manual_seed(args.seed)
@@ -264,6 +294,10 @@ def _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMP
     engine, _, _, _ = tempo_ds.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config, mpu=MegatronMPU())
+    if (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()) != (mb, gas):
+        raise RuntimeError(
+            f"DeepSpeed runs micro-batch {engine.train_micro_batch_size_per_gpu()} x accumulation "
+            f"{engine.gradient_accumulation_steps()}, the trainer's data was cut for {mb} x {gas}")
 
     result = Result(tempo=tempo.to_dict(), spec=spec)
     load_from = args.load or (args.save if args.resume and _latest_checkpoint(args.save) else None)
