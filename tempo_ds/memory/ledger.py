@@ -3,17 +3,30 @@
 During a forward pass, every tensor that autograd saves passes through
 torch.autograd.graph.saved_tensors_hooks. The ledger records each one, deduplicates by storage
 (a tensor saved by two ops, e.g. the GELU output that the next Linear also saves, is counted
-once, for the first op that saved it), leaves out parameters, and attributes each storage to
-the innermost module that was running and to the autograd op that saved it.
+once, for the last op that saved it: the consumer that keeps it as its input, as a stock model's
+Linear does, so an op that keeps its own output adds nothing for it), leaves out parameters, and
+attributes each storage to the innermost module that was running and to the autograd op that
+saved it.
 
     with SavedTensorLedger(model) as ledger:
         loss = model(batch)
     report = ledger.report(loss)          # walks loss.grad_fn to name the op of every record
     print(report.table()); report.total_bytes
 
+The report counts what is kept when it is made: a storage counts while some graph still holds
+it, so make the report before backward frees the graph. A storage whose graphs are all gone does
+not count, and a new storage that the allocator puts at its address counts afresh.
+
+Saved-tensor hooks entered inside the ledger (torch.autograd.graph.save_on_cpu, non-reentrant
+torch.utils.checkpoint, any saved_tensors_hooks) take the tensors saved under them: the innermost
+hooks win, so the ledger never sees those tensors. The report warns, once per ledger, when the
+graph it walks holds such tensors.
+
 CLI: python -m tempo_ds.memory (see __main__.py)
 """
 import re
+import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -101,11 +114,18 @@ class LedgerReport:
 
 
 class _Packed:
-    __slots__ = ("tensor", "record")
+    """What the pack hook returns, so what the graph holds until it frees the saving node: the
+    saved tensor and where it was saved. The ledger keeps only weak references to these, so a
+    storage counts exactly as long as some graph still holds it."""
+    __slots__ = ("tensor", "module", "op", "__weakref__")
 
-    def __init__(self, tensor, record):
-        self.tensor = tensor
-        self.record = record
+    def __init__(self, tensor, module):
+        # Detached: a node that saves its own output hands the pack hook that output, grad_fn and
+        # all. Holding it here would make node -> packed -> tensor -> node, a cycle through C++
+        # that Python's gc cannot break: the graph, and the storage, would never be freed.
+        self.tensor = tensor.detach()
+        self.module = module
+        self.op = "unknown"  # named by report(), when its walk reaches the saving node
 
 
 class SavedTensorLedger:
@@ -115,15 +135,22 @@ class SavedTensorLedger:
         model: optional nn.Module. Its parameters are excluded (by storage) and its submodules'
             qualified names are used for attribution. Without it, only nn.Parameter instances
             are excluded and records are attributed to "".
+
+    The report counts storages that a graph still holds when it is made (so make it before
+    backward). Tensors saved under saved-tensor hooks entered inside the ledger (save_on_cpu,
+    non-reentrant checkpoint) are not seen; the report warns once when its graph holds some.
     """
 
     def __init__(self, model=None):
         self.model = model
-        self._records = OrderedDict()  # storage key -> SavedRecord (first saver)
+        # storage key -> weak references to the _Packed saves of the storage now at that
+        # address, in pack order (the last live one is the storage's owner)
+        self._saved = OrderedDict()
         self._module_stack = [""]
         self._handles = []
         self._param_keys = set()
         self._hooks = None
+        self._warned_inner_hooks = False
 
     # -- module attribution --------------------------------------------------------------------
     def _install_module_hooks(self):
@@ -141,24 +168,32 @@ class SavedTensorLedger:
     def _pack(self, t):
         if isinstance(t, torch.nn.Parameter):
             return t
-        key, nbytes = _storage_key(t)
+        key, _ = _storage_key(t)
         if key in self._param_keys:
             return t
-        record = self._records.get(key)
-        if record is None:
-            record = SavedRecord(key, nbytes, self._module_stack[-1], tuple(t.shape), t.dtype)
-            self._records[key] = record
-        return _Packed(t, record)
+        saves = self._saved.get(key)
+        if saves is not None and all(ref() is None for ref in saves):
+            # Every graph that held the storage at this address has freed it, so this is a new
+            # storage (a caching allocator reuses addresses at once): count it, for this saver.
+            del self._saved[key]
+            saves = None
+        if saves is None:
+            saves = self._saved[key] = []
+        packed = _Packed(t, self._module_stack[-1])
+        saves.append(weakref.ref(packed))
+        return packed
 
-    # records unpacked while _name_ops reads one node's saved tensors
-    _unpacked = []
+    # what the unpack hook returns while _name_ops reads one node's saved tensors; None the rest
+    # of the time, so that backward's unpacks keep nothing alive
+    _unpacked = None
 
     @staticmethod
     def _unpack(packed):
-        if isinstance(packed, _Packed):
-            SavedTensorLedger._unpacked.append(packed.record)
-            return packed.tensor
-        return packed
+        # Every tensor the ledger packed comes back through here (parameters as themselves), so
+        # a saved tensor that does not was packed by other hooks.
+        if SavedTensorLedger._unpacked is not None:
+            SavedTensorLedger._unpacked.append(packed)
+        return packed.tensor if isinstance(packed, _Packed) else packed
 
     def __enter__(self):
         if self.model is not None:
@@ -178,26 +213,49 @@ class SavedTensorLedger:
     # -- naming the ops ------------------------------------------------------------------------
     def _name_ops(self, outputs):
         """Walk the autograd graph from `outputs`, unpacking every saved tensor of every node so
-        that the unpack hook tells which record belongs to which node."""
+        that the unpack hook tells which of the ledger's saves belongs to which node.
+
+        Returns the number of saved tensors that other hooks packed in nodes made while the
+        ledger was packing: nodes whose sequence numbers (per thread, increasing with creation)
+        lie among those of the nodes the ledger packed for, or any node if it packed for none.
+        Nodes made before the ledger (a graph it extends) come before all of its own."""
         roots = [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None]
         seen, stack = set(), list(roots)
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            op = re.sub(r"Backward\d*$", "", node.name())
-            for tensor_getter in self._saved_getters(node):
-                SavedTensorLedger._unpacked = []
-                try:
-                    tensor_getter()
-                except RuntimeError:  # freed already (retain_graph=False after a backward)
+        ours, others = [], []  # sequence numbers; (sequence number, tensors) for the others
+        try:
+            while stack:
+                node = stack.pop()
+                if node is None or node in seen:
                     continue
-                for record in SavedTensorLedger._unpacked:
-                    if record.op == "unknown":
-                        record.op = op
-            SavedTensorLedger._unpacked = []
-            stack.extend(fn for fn, _ in node.next_functions)
+                seen.add(node)
+                op = re.sub(r"Backward\d*$", "", node.name())
+                n_ours = n_others = 0
+                for tensor_getter in self._saved_getters(node):
+                    SavedTensorLedger._unpacked = []
+                    try:
+                        saved = tensor_getter()
+                    except RuntimeError:  # freed already (retain_graph=False after a backward)
+                        continue
+                    for packed in SavedTensorLedger._unpacked:
+                        if isinstance(packed, _Packed):
+                            packed.op = op
+                    n_ours += len(SavedTensorLedger._unpacked)
+                    # A Python scalar operand (x * 2) is saved as a 0-dim "wrapped number", which
+                    # autograd saves without any hooks: only tensors with dimensions that did not
+                    # come through the ledger are evidence of other hooks.
+                    ours_with_dims = sum((p.tensor if isinstance(p, _Packed) else p).dim() > 0
+                                         for p in SavedTensorLedger._unpacked)
+                    n_others += sum(t.dim() > 0 for t in _tensors(saved)) - ours_with_dims
+                if n_ours:
+                    ours.append(node._sequence_nr())
+                if n_others:
+                    others.append((node._sequence_nr(), n_others))
+                stack.extend(fn for fn, _ in node.next_functions)
+        finally:
+            SavedTensorLedger._unpacked = None  # hold no saved tensor past the walk
+        if not ours:
+            return sum(n for _, n in others)
+        return sum(n for seq, n in others if min(ours) < seq < max(ours))
 
     @staticmethod
     def _saved_getters(node):
@@ -208,12 +266,43 @@ class SavedTensorLedger:
         return getters
 
     def report(self, outputs=None):
-        """The report; pass the forward's output(s) to name the saving op of each record."""
+        """The report of the storages still held for backward; pass the forward's output(s) to
+        name the saving op of each record (a record whose saver the walk does not reach keeps
+        op "unknown")."""
         if outputs is not None:
             if isinstance(outputs, torch.Tensor):
                 outputs = [outputs]
-            self._name_ops(list(outputs))
-        return LedgerReport(list(self._records.values()))
+            hidden = self._name_ops(list(outputs))
+            if hidden and not self._warned_inner_hooks:
+                self._warned_inner_hooks = True
+                warnings.warn(
+                    f"SavedTensorLedger: {hidden} saved tensor(s) in this graph were packed by "
+                    "other saved-tensor hooks entered inside the ledger (save_on_cpu, non-reentrant "
+                    "checkpoint, ...); the innermost hooks win, so the report leaves them out",
+                    stacklevel=2)
+        records = []
+        for key, saves in list(self._saved.items()):
+            live = [p for p in (ref() for ref in saves) if p is not None]
+            if not live:  # every graph that held it is gone: not kept for backward
+                del self._saved[key]
+                continue
+            # The last live save names the storage, module and op alike: the last op that keeps
+            # it, the consumer that saves its input (Linear after Tempo's GELU or norm, which
+            # keep their outputs), so each op's figure is what it adds to the others.
+            owner = live[-1]
+            t = owner.tensor
+            records.append(SavedRecord(key, t.untyped_storage().nbytes(), owner.module, tuple(t.shape),
+                                       t.dtype, owner.op))
+        return LedgerReport(records)
+
+
+def _tensors(saved):
+    """The tensors in what a node's saved-tensor getter returned (a tensor, None, a list, ...)."""
+    if isinstance(saved, torch.Tensor):
+        return [saved]
+    if isinstance(saved, (tuple, list)):
+        return [t for t in saved if isinstance(t, torch.Tensor)]
+    return []
 
 
 def measure(fn, model=None):
