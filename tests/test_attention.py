@@ -172,8 +172,13 @@ def test_bad_inputs_name_the_argument():
         ops.softmax_dropout_matmul(scores, v, torch.zeros(2, 1, 5, 6, dtype=torch.bool), 0.1, 1.0)
     with pytest.raises(TypeError, match="mask must be a bool"):
         ops.softmax_dropout_matmul(scores, v, torch.zeros(6, 6), 0.1, 1.0)
-    with pytest.raises(TypeError, match="v must have"):
+    with pytest.raises(TypeError, match="v must have the dtype of scores"):
         ops.softmax_dropout_matmul(scores, v.double(), None, 0.1, 1.0)
+    # a placement mistake is a ValueError, as in the norms (meta stands in for a second device)
+    with pytest.raises(ValueError, match="v must be on the device of scores"):
+        ops.softmax_dropout_matmul(scores, v.to("meta"), None, 0.1, 1.0)
+    with pytest.raises(ValueError, match="mask must be on scores' device"):
+        ops.softmax_dropout_matmul(scores, v, causal_mask(6, "meta"), 0.1, 1.0)
     for p in (-0.5, 1.0):
         with pytest.raises(ValueError, match=r"\bp must be"):
             ops.softmax_dropout_matmul(scores, v, None, p, 1.0)
@@ -194,6 +199,95 @@ def test_memory_contract_exact_bytes(softmax_in_fp32):
     # the softmax output, the seed, and the inputs v and mask (kept by reference, no new bytes)
     assert report.total_bytes == probs_bytes + 8 + v.numel() * 2 + mask.numel()
     assert "SoftmaxDropoutMatmulFunction" in report.by_op()
+
+
+def under_autocast(fn):
+    def wrapped(*t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*t)
+    return wrapped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["none", "padding"])
+@pytest.mark.parametrize("softmax_in_fp32", [False, True])
+def test_autocast_within_megatron_error_under_autocast(poisoned, dtype, case, softmax_in_fp32):
+    """Megatron's unfused path under bf16 autocast: the scores GEMM and the @v bmm run in bf16,
+    so the op gets bf16 scores and converts v as the bmm would. Our out, dq, dk, dv against the
+    same stock path under autocast, both against float64 on the bf16-converted inputs."""
+    b, heads, groups, s, hn = 2, 4, 2, 12, 8
+    mask = make_mask(case, b, s)
+    q, k = torch.randn(b, heads, s, hn, dtype=dtype), torch.randn(b, heads, s, hn, dtype=dtype)
+    v = torch.randn(b, groups, s, hn, dtype=dtype)
+    grad = torch.randn(b, heads, s, hn)
+
+    def attention(softmax):
+        return lambda q, k, v: softmax(q @ k.transpose(-1, -2) * 0.35, v)
+
+    ours = run(under_autocast(attention(lambda x, y: ops.softmax_dropout_matmul(x, y, mask, 0.0, 1.5,
+                                                                                softmax_in_fp32))),
+               [q, k, v], grad)
+    stock = run(under_autocast(attention(lambda x, y: megatron_reference(x, y, mask, 1.5))), [q, k, v], grad)
+    ref = run(attention(lambda x, y: megatron_reference(x, y, mask, 1.5)),
+              [t.bfloat16().double() for t in (q, k, v)], grad)
+    assert ours[0].dtype == torch.bfloat16 and all(g.dtype == dtype for g in ours[1:])
+    for name, o, st, r in zip(["out", "dq", "dk", "dv"], ours, stock, ref):
+        assert_within_pytorch_error(o, st, r, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("softmax_in_fp32", [False, True])
+def test_autocast_is_the_op_on_converted_inputs(poisoned, dtype, softmax_in_fp32):
+    """fp32 scores and v under autocast (backward used to fail: "expected m1 and m2 to have the
+    same dtype"): forward and backward, the backward called inside the autocast region too, give
+    exactly the op outside autocast on inputs converted to bf16; float64 is not converted."""
+    b, heads, s, hn = 2, 4, 10, 8
+    mask = make_mask("padding", b, s)
+    scores, v = torch.randn(b, heads, s, s, dtype=dtype) * 2, torch.randn(b, 2, s, hn, dtype=dtype)
+    grad = torch.randn(b, heads, s, hn)
+    target = torch.bfloat16 if dtype != torch.float64 else dtype
+    torch.manual_seed(5)
+    expected = run(lambda x, y: ops.softmax_dropout_matmul(x, y, mask, 0.3, 1.5, softmax_in_fp32),
+                   [scores.to(target), v.to(target)], grad)
+    leaves = [t.detach().clone().requires_grad_() for t in (scores, v)]
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.softmax_dropout_matmul(*leaves, mask, 0.3, 1.5, softmax_in_fp32)
+        grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    assert out.dtype == target and all(g.dtype == dtype for g in grads)
+    for name, got, want in zip(["out", "dscores", "dv"], [out, *grads], expected):
+        assert torch.equal(got, want.to(got.dtype)), name
+
+
+@pytest.mark.parametrize("mode", ["built", "torch"])
+def test_double_backward_raises(mode, monkeypatch):
+    """A gradient penalty through the op: its backward is not differentiable, so differentiating
+    the gradient raises instead of silently dropping the op's second-order term (the x² term
+    keeps the graph connected, so without once_differentiable the penalty would back-propagate)."""
+    monkeypatch.setenv("TEMPO_DS_OPS", mode)
+    scores = torch.randn(1, 2, 6, 6, requires_grad=True)
+    v = torch.randn(1, 2, 6, 4, requires_grad=True)
+    out = ops.softmax_dropout_matmul(scores, v, None, 0.2, 1.0, causal=True)
+    dscores, = torch.autograd.grad(out.square().sum(), [scores], create_graph=True)
+    penalty = dscores.square().sum() + scores.square().sum()
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        penalty.backward()
+
+
+@pytest.mark.parametrize("scores_shape,v_shape", [
+    ((0, 4, 5, 5), (0, 2, 5, 3)),  # empty batch
+    ((2, 4, 0, 5), (2, 2, 5, 3)),  # no query rows
+    ((2, 0, 5, 5), (2, 1, 5, 3)),  # no heads (ng = 1 divides np = 0)
+])
+def test_empty_tensors(poisoned, scores_shape, v_shape):
+    scores, v = torch.randn(scores_shape), torch.randn(v_shape)
+    grad = torch.randn(*scores_shape[:3], v_shape[-1])
+    ours = run(lambda x, y: ops.softmax_dropout_matmul(x, y, None, 0.2, 1.0), [scores, v], grad)
+    stock = run(lambda x, y: megatron_reference(x, y, None, 1.0), [scores, v], grad)
+    for name, o, st in zip(["out", "dscores", "dv"], ours, stock):
+        # dv is an exact zero when there is nothing to attend from
+        assert o.shape == st.shape and o.dtype == st.dtype, name
+        torch.testing.assert_close(o, st, rtol=0, atol=0, msg=name)
 
 
 # -- TempoCoreAttention against Megatron's DotProductAttention ----------------------------------

@@ -165,10 +165,44 @@ def test_bad_shapes_are_named():
         ops.bias_dropout_add(torch.randn(2, 4), None, torch.randn(4, 2), 0.1)
     with pytest.raises(ValueError, match="bias"):
         ops.bias_dropout_add(torch.randn(2, 4), torch.randn(3), torch.randn(2, 4), 0.1)
-    with pytest.raises(TypeError, match="residual"):
+    with pytest.raises(TypeError, match="residual must have the dtype of x"):
         ops.bias_dropout_add(torch.randn(2, 4), None, torch.randn(2, 4).double(), 0.1)
     with pytest.raises(TypeError, match="x must"):
         ops.dropout(torch.arange(4), 0.1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bias_of_the_wrong_shape_dtype_or_device_is_named(training):
+    """bias must be exactly [h]: a [h, 1] bias has h elements, but the eval path (a plain sum)
+    would broadcast it to [h, h] or fail, so training and eval would disagree; it is refused in
+    both. A wrong dtype is a TypeError, a wrong shape or device a ValueError, as in the norms."""
+    x, residual = torch.randn(2, 3), torch.randn(2, 3)
+    for bias in (torch.randn(3, 1), torch.randn(1, 3), torch.randn(3, 3), torch.randn(4)):
+        with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+            ops.bias_dropout_add(x, bias, residual, 0.1, training=training)
+    with pytest.raises(TypeError, match="bias must have the dtype of x"):
+        ops.bias_dropout_add(x, torch.randn(3, dtype=torch.float64), residual, 0.1, training=training)
+    # meta stands in for a second device
+    with pytest.raises(ValueError, match="bias must be on the device of x"):
+        ops.bias_dropout_add(x, torch.randn(3, device="meta"), residual, 0.1, training=training)
+    with pytest.raises(ValueError, match="residual must be on the device of x"):
+        ops.bias_dropout_add(x, None, residual.to("meta"), 0.1, training=training)
+
+
+@pytest.mark.parametrize("mode", ["built", "torch"])
+@pytest.mark.parametrize("op", ["dropout", "bias_dropout_add"])
+def test_double_backward_raises(mode, op, monkeypatch):
+    """A gradient penalty through the op: its backward is not differentiable, so differentiating
+    the gradient raises instead of silently dropping the op's term (the x² term keeps the graph
+    connected, so without once_differentiable the penalty would back-propagate)."""
+    monkeypatch.setenv("TEMPO_DS_OPS", mode)
+    x = torch.randn(4, 8, requires_grad=True)
+    bias, residual = torch.randn(8, requires_grad=True), torch.randn(4, 8)
+    out = ops.dropout(x, 0.3) if op == "dropout" else ops.bias_dropout_add(x, bias, residual, 0.3)
+    dx, = torch.autograd.grad(out.square().sum(), [x], create_graph=True)
+    penalty = dx.square().sum() + x.square().sum()
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        penalty.backward()
 
 
 def test_mask_block_kernel_checks_its_arguments(kernels):

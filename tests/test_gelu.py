@@ -300,6 +300,40 @@ def test_bad_input_names_the_argument():
         ops.gelu([1.0, 2.0])
 
 
+@pytest.mark.parametrize("mode", ["built", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # Newton and table backwards
+def test_double_backward_raises(mode, dtype, monkeypatch):
+    """A gradient penalty through GELU: the backward kernel is not differentiable, so
+    differentiating the gradient raises instead of silently dropping GELU's second-order term
+    (the x² term keeps the graph connected, so without once_differentiable it would run)."""
+    monkeypatch.setenv("TEMPO_DS_OPS", mode)
+    x = torch.randn(64, dtype=dtype, requires_grad=True)
+    dx, = torch.autograd.grad(ops.gelu(x).square().sum(), [x], create_graph=True)
+    penalty = dx.float().square().sum() + x.float().square().sum()
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        penalty.backward()
+
+
+def test_auto_mode_falls_back_on_a_device_type_without_kernels(monkeypatch):
+    """tempo_ds has no kernels for meta tensors: "built" mode raises, "auto" warns once and runs
+    the PyTorch implementation (which meta tensors support: shapes and dtypes, no values)."""
+    monkeypatch.setattr(_backend, "_cache", {})  # restored afterwards, with no meta entry in it
+    x = torch.randn(4, 8, device="meta", requires_grad=True)
+    monkeypatch.setenv("TEMPO_DS_OPS", "built")
+    with pytest.raises(NotImplementedError, match="no 'core' kernels for device type 'meta'"):
+        ops.gelu(x)
+    monkeypatch.setenv("TEMPO_DS_OPS", "auto")
+    with pytest.warns(RuntimeWarning, match="could not build op 'core' for device type 'meta'"):
+        y = ops.gelu(x)
+    assert not _backend.is_compiled(_backend.ops("core", x.device))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per family and device type
+        dx, = torch.autograd.grad(ops.gelu(x), [x], torch.ones_like(y))
+    assert (y.shape, y.dtype, y.device.type) == (x.shape, x.dtype, "meta")
+    assert (dx.shape, dx.dtype, dx.device.type) == (x.shape, x.dtype, "meta")
+
+
 def _over_2_31(device):
     """2^31 + 9 elements (4 GiB in bf16): the last ones sit beyond int32 offsets."""
     n = (1 << 31) + 9

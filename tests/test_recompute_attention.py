@@ -179,9 +179,94 @@ def test_bad_inputs_name_the_argument():
         ops.recompute_attention(q, k[:, :, :, :3], v)
     with pytest.raises(ValueError, match="k must be"):
         ops.recompute_attention(q, torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4))
-    with pytest.raises(TypeError, match="v must have"):
+    with pytest.raises(TypeError, match="v must have the dtype of q"):
         ops.recompute_attention(q, k, v.double())
+    # a placement mistake is a ValueError, as in the norms (meta stands in for a second device)
+    with pytest.raises(ValueError, match="k must be on the device of q"):
+        ops.recompute_attention(q, k.to("meta"), v)
     with pytest.raises(ValueError, match=r"\bp must be"):
         ops.recompute_attention(q, k, v, p=1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         ops.recompute_attention(q, k, v, chunk_size=0)
+
+
+def autocast(dtype=torch.bfloat16):
+    return torch.autocast("cpu", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_autocast_within_sdpa_error_under_autocast(dtype, causal):
+    """Under autocast the op converts q, k, v to the autocast dtype as SDPA does, then computes in
+    fp32 in forward and backward alike. The float64 reference takes the converted inputs, so the
+    check sees the attention arithmetic and not the shared input rounding; with autocast left on
+    inside the op (q @ kᵀ in bf16 forward, fp32 recomputation backward) it fails by 3-7x."""
+    b, heads, groups, s, hn, scale = 2, 4, 2, 64, 32, 0.3
+    q, k, v = fused_qkv(b, heads, groups, s, hn, dtype)
+    grad = torch.randn(b, heads, s, hn)
+
+    def under_autocast(fn):
+        def wrapped(*t):
+            with autocast():
+                return fn(*t)
+        return wrapped
+
+    ours = run(under_autocast(lambda *t: ops.recompute_attention(*t, scale=scale, causal=causal, chunk_size=7)),
+               [q, k, v], grad)
+    stock = run(under_autocast(lambda *t: sdpa_math(*t, scale, causal)), [q, k, v], grad)
+    ref = run(lambda *t: sdpa_math(*t, scale, causal), [t.bfloat16().double() for t in (q, k, v)], grad)
+    # the output in the autocast dtype, the gradients in the inputs' dtype, as SDPA's (checked too)
+    assert ours[0].dtype == torch.bfloat16 and all(g.dtype == dtype for g in ours[1:])
+    for name, o, st, r in zip(["out", "dq", "dk", "dv"], ours, stock, ref):
+        assert_within_pytorch_error(o, st, r, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_autocast_is_the_op_on_converted_inputs(dtype):
+    """Forward and backward under autocast (backward called inside the autocast region too) give
+    exactly what the op gives outside autocast on inputs converted to the autocast dtype; float64
+    is not converted, as autocast leaves it alone."""
+    q, k, v = fused_qkv(2, 4, 2, 16, 8, dtype)
+    grad = torch.randn(2, 4, 16, 8)
+    target = torch.bfloat16 if dtype != torch.float64 else dtype
+    torch.manual_seed(5)
+    expected = run(lambda *t: ops.recompute_attention(*t, p=0.3, causal=True, chunk_size=5),
+                   [t.to(target) for t in (q, k, v)], grad)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(5)
+    with autocast():
+        out = ops.recompute_attention(*leaves, p=0.3, causal=True, chunk_size=5)
+        grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    assert out.dtype == target and all(g.dtype == dtype for g in grads)
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, *grads], expected):
+        assert torch.equal(got, want.to(got.dtype)), name
+
+
+@pytest.mark.parametrize("mode", ["built", "torch"])
+def test_double_backward_raises(mode, monkeypatch):
+    """A gradient penalty through the op: backward is not differentiable, so differentiating the
+    gradient raises instead of silently dropping the op's second-order term (the x² term keeps
+    the graph connected, so without once_differentiable the penalty would back-propagate)."""
+    monkeypatch.setenv("TEMPO_DS_OPS", mode)
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 2, 2, 6, 4))
+    out = ops.recompute_attention(q, k, v, p=0.2, causal=True)
+    dq, = torch.autograd.grad(out.square().sum(), [q], create_graph=True)
+    penalty = dq.square().sum() + q.square().sum()
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        penalty.backward()
+
+
+@pytest.mark.parametrize("q_shape,k_shape", [
+    ((0, 4, 5, 3), (0, 2, 5, 3)),  # empty batch
+    ((2, 4, 0, 3), (2, 2, 5, 3)),  # no query rows
+    ((2, 0, 5, 3), (2, 1, 5, 3)),  # no heads (ng = 1 divides np = 0, as SDPA's enable_gqa allows)
+])
+def test_empty_tensors(q_shape, k_shape):
+    q, k, v = torch.randn(q_shape), torch.randn(k_shape), torch.randn(k_shape)
+    grad = torch.randn(*q_shape[:3], v.shape[-1])
+    ours = run(lambda *t: ops.recompute_attention(*t, p=0.2, causal=False), [q, k, v], grad)
+    stock = run(lambda *t: sdpa_math(*t, None, False), [q, k, v], grad)
+    for name, o, st in zip(["out", "dq", "dk", "dv"], ours, stock):
+        # dk, dv are exact zeros when there is nothing to attend from
+        assert o.shape == st.shape and o.dtype == st.dtype, name
+        torch.testing.assert_close(o, st, rtol=0, atol=0, msg=name)

@@ -1,9 +1,10 @@
 """Finds the compiled kernels of an op family for a device, building them on first use.
 
 `TEMPO_DS_OPS` chooses:
-  auto  (default) build/load the op; if that fails, warn once and use the PyTorch implementation
+  auto  (default) build/load the op; if that fails, or the device type has no kernels (meta,
+        mps, xpu, ...), warn once per family and device type and use the PyTorch implementation
         of the same saving contract (tempo_ds.ops.reference);
-  built require the compiled op: a build failure raises;
+  built require the compiled op: a build failure or a device type without kernels raises;
   torch always use the PyTorch implementation (tests use it to compare the two).
 """
 import os
@@ -49,17 +50,23 @@ def ops(family, device):
     with _lock:
         if key in _cache:
             return _cache[key]
+        if family not in FAMILIES:  # a caller's mistake, not a build failure: raise in every mode
+            raise ValueError(f"unknown op family {family!r}; known: {sorted(FAMILIES)}")
         if chosen == "torch":
             module = reference.FALLBACKS[family]
         else:
-            builder = builder_for(family, device_type)()
+            name = f"{family!r} for device type {device_type!r}"
             try:
+                # inside the try: a device type with no kernels (meta, mps, xpu) is a build failure
+                # like a missing compiler, so auto mode falls back as the module docstring promises
+                builder = builder_for(family, device_type)()
+                name = builder.NAME
                 module = builder.load(verbose=False)
-            except Exception as err:  # a compiler error, missing toolkit, ...
+            except Exception as err:  # a compiler error, missing toolkit, unsupported device type, ...
                 if chosen == "built":
                     raise
                 warnings.warn(
-                    f"tempo_ds: could not build op {builder.NAME} ({type(err).__name__}: "
+                    f"tempo_ds: could not build op {name} ({type(err).__name__}: "
                     f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}); using the "
                     "PyTorch implementation with the same saving contract, which is slower",
                     RuntimeWarning, stacklevel=3)

@@ -1,7 +1,15 @@
-"""Argument checks shared by the functional API: errors name the argument at fault."""
+"""Argument checks shared by the functional API: errors name the argument at fault.
+
+Convention (PyTorch's): TypeError for a wrong type or dtype, ValueError for a wrong value, shape
+or device.
+"""
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the dtypes autocast converts (it leaves float64 alone, as it leaves integer tensors)
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_float_tensor(name, t):
@@ -51,3 +59,38 @@ def check_norm_param(name, p, x, like=None):
                         f"got {p.dtype}")
     if like is not None and p.dtype != like.dtype:
         raise TypeError(f"{name} must have the dtype of weight ({like.dtype}), got {p.dtype}")
+
+
+def check_like(name, t, ref_name, ref):
+    """t on ref's device (ValueError) with ref's dtype (TypeError)."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def _autocast_on(device_type):
+    # is_autocast_enabled raises for device types autocast does not know (meta)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_inputs(device_type, *tensors):
+    """The tensors as an autocast "lower precision" op (matmul, SDPA) sees them: when autocast is
+    on for device_type, float16/bfloat16/float32 tensors are converted to its dtype (float64 and
+    None pass through); otherwise all are returned as they are. The conversion is an ordinary
+    autograd op, so gradients come back in each input's own dtype, as with stock ops."""
+    if not _autocast_on(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
+
+
+def autocast_off(device_type):
+    """A context that disables autocast on device_type. An autograd.Function whose forward and
+    backward both run in it computes in its inputs' dtypes in both directions: under autocast
+    the forward's matmuls would otherwise run in the autocast dtype while the backward, run in
+    whatever autocast state the caller of .backward() has (usually none), recomputes them in the
+    input dtype, and the two disagree."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

@@ -13,9 +13,10 @@ uniform 1/sk, never NaN); softmax statistics are fp32 (fp64 for fp32 scores); th
 rounded to the activation dtype before dropout and @v, as Megatron casts them.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend
-from ._checks import check_float_tensor, check_probability
+from ._checks import autocast_inputs, autocast_off, check_float_tensor, check_like, check_probability
 from .dropout import draw_seed, report_mask
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -31,6 +32,17 @@ class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, v, mask, p, scale, keep_fp32, causal):
+        with autocast_off(scores.device.type):
+            return SoftmaxDropoutMatmulFunction._forward(ctx, scores, v, mask, p, scale, keep_fp32, causal)
+
+    @staticmethod
+    @once_differentiable  # the kernels' backward is not differentiable: raise on double backward
+    def backward(ctx, grad_out):
+        with autocast_off(grad_out.device.type):
+            return SoftmaxDropoutMatmulFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, scores, v, mask, p, scale, keep_fp32, causal):
         b, heads, sq, sk = scores.shape
         groups = v.shape[1]
         kernels = _backend.ops("dropout", scores.device)
@@ -49,7 +61,7 @@ class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
         return out.view(b, heads, sq, v.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def _backward(ctx, grad_out):
         probs, v, seed, *rest = ctx.saved_tensors
         mask = rest[0] if ctx.has_mask else None
         b, heads, sq, sk = ctx.shape
@@ -78,7 +90,8 @@ def softmax_dropout_matmul(scores, v, mask=None, p=0.0, scale=None, softmax_in_f
 
     Args:
         scores: raw attention scores [b, np, sq, sk] (Megatron: q @ k^T * softmax_scale), float.
-        v: values [b, ng, sk, hn] of scores' dtype, ng dividing np (GQA: head i uses group i // (np/ng)).
+        v: values [b, ng, sk, hn] of scores' dtype (after autocast's conversion, below) and
+            device, ng dividing np (GQA: head i uses group i // (np/ng)).
         mask: None or a bool tensor broadcastable to [b, np, sq, sk]; True = masked out
             (replaced by -10000.0 after scaling, as Megatron's attention_mask_func).
         p: attention dropout probability in [0, 1); pass 0 in eval.
@@ -90,10 +103,25 @@ def softmax_dropout_matmul(scores, v, mask=None, p=0.0, scale=None, softmax_in_f
             fp32 either way.
         causal: also mask key > query (Megatron's default causal mask), without a mask tensor.
 
-    Returns: [b, np, sq, hn] in scores' dtype.
+    Returns: [b, np, sq, hn] in scores' dtype (in the autocast dtype under autocast, below).
+
+    Under torch.autocast (enabled for scores' device type) the op is a "lower precision" op, as the
+    bmm that ends Megatron's unfused path: float16/bfloat16/float32 scores and v are first converted
+    to the autocast dtype (float64 is left alone; v must then share scores' dtype), the output and
+    the kept softmax output are in that dtype (fp32 with softmax_in_fp32), and the gradients come
+    back in each input's own dtype through the conversion. In Megatron the scores come from a
+    baddbmm under the same autocast, so they are already in that dtype and this matches the stock
+    path. The computation itself then runs with autocast off, in forward and backward alike.
 
     Saves for backward: the softmax output ([b, np, sq, sk], activation dtype or fp32), an 8-byte
-    seed, v and the mask (both inputs, so no new bytes). Not the dropout output, not a dropout mask.
+    seed, v and the mask (both inputs, so no new bytes; under autocast with inputs of another
+    dtype, v's converted copy). Not the dropout output, not a dropout mask.
+
+    Differentiable once: a double backward (create_graph=True, then backward through the
+    gradient) raises a RuntimeError rather than returning a wrong second derivative.
+
+    Raises: TypeError for a non-float scores or v, v of another dtype than scores, or a non-bool
+    mask; ValueError for a wrong shape, v or mask on another device, or p outside [0, 1).
     """
     check_float_tensor("scores", scores)
     check_float_tensor("v", v)
@@ -103,15 +131,15 @@ def softmax_dropout_matmul(scores, v, mask=None, p=0.0, scale=None, softmax_in_f
     b, heads, sq, sk = scores.shape
     if v.dim() != 4 or v.shape[0] != b or v.shape[2] != sk or v.shape[1] == 0 or heads % v.shape[1]:
         raise ValueError(f"v must be [b={b}, ng, sk={sk}, hn] with ng dividing np={heads}, got {tuple(v.shape)}")
-    if v.dtype != scores.dtype or v.device != scores.device:
-        raise TypeError(f"v must have scores' dtype and device ({scores.dtype}, {scores.device}), "
-                        f"got {v.dtype}, {v.device}")
+    # converted before the dtype check: under autocast mixed input dtypes are fine, as for bmm
+    scores, v = autocast_inputs(scores.device.type, scores, v)
+    check_like("v", v, "scores", scores)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor (True = masked out), got "
                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
         if mask.device != scores.device:
-            raise TypeError(f"mask must be on scores' device {scores.device}, got {mask.device}")
+            raise ValueError(f"mask must be on scores' device {scores.device}, got {mask.device}")
         try:
             if mask.dim() > 4 or torch.broadcast_shapes(mask.shape, scores.shape) != scores.shape:
                 raise RuntimeError
@@ -122,6 +150,7 @@ def softmax_dropout_matmul(scores, v, mask=None, p=0.0, scale=None, softmax_in_f
         mask = mask.expand(b, heads, sq, sk)
     if causal and sq != sk:
         raise ValueError(f"causal needs sq == sk (Megatron's causal mask is for self attention), got {sq}, {sk}")
+    # after the conversion: keep_fp32 refers to the dtype the kernels compute in
     keep_fp32 = bool(softmax_in_fp32) and scores.dtype in _HALF
     return SoftmaxDropoutMatmulFunction.apply(scores, v, mask, float(p), 1.0 if scale is None else float(scale),
                                               keep_fp32, bool(causal))

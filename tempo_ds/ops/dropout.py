@@ -22,9 +22,10 @@ are a deterministic function of the seed.
 import contextlib
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend
-from ._checks import check_float_tensor, check_probability
+from ._checks import check_float_tensor, check_like, check_probability
 
 _INT64_MIN, _INT64_END = -(2 ** 63), 2 ** 63 - 1
 
@@ -91,6 +92,7 @@ class DropoutFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernel applying the mask is not differentiable: raise on double backward
     def backward(ctx, dy):
         (seed,) = ctx.saved_tensors
         kernels = _backend.ops("dropout", dy.device)
@@ -114,6 +116,7 @@ class BiasDropoutAddFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernel applying the mask is not differentiable: raise on double backward
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
         kernels = _backend.ops("dropout", grad.device)
@@ -133,6 +136,9 @@ def dropout(x, p=0.5, training=True):
         training: False (or p == 0) returns x itself and draws no random number.
 
     Saves for backward: one int64 seed (8 bytes). Stock dropout saves a 1-byte mask per element.
+
+    Differentiable once: a double backward raises a RuntimeError rather than returning a wrong
+    second derivative.
     """
     check_float_tensor("x", x)
     check_probability("p", p)
@@ -145,28 +151,35 @@ def bias_dropout_add(x, bias, residual, p, training=True):
     """residual + dropout(x + bias), fused (Megatron's bias_dropout_add).
 
     Args:
-        x: float tensor [..., h].
-        bias: None or a tensor of x's dtype broadcast over x's last dimension ([h]).
-        residual: tensor of x's shape and dtype.
+        x: float tensor [..., h], at least 1-D.
+        bias: None or a [h] tensor of x's dtype and device, broadcast over x's last dimension.
+        residual: tensor of x's shape, dtype and device.
         p: dropout probability in [0, 1).
         training: False (or p == 0) computes residual + x + bias without drawing a random number.
 
     Saves for backward: one int64 seed (8 bytes). Stock bias-dropout-add saves a 1-byte mask per
     element.
+
+    Differentiable once: a double backward raises a RuntimeError rather than returning a wrong
+    second derivative.
+
+    Raises: TypeError for a non-float x, residual or bias, or one of another dtype than x;
+    ValueError for a wrong shape or device, or p outside [0, 1).
     """
     check_float_tensor("x", x)
     check_float_tensor("residual", residual)
     check_probability("p", p)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if residual.dtype != x.dtype or residual.device != x.device:
-        raise TypeError(f"residual must have x's dtype and device ({x.dtype}, {x.device}), "
-                        f"got {residual.dtype}, {residual.device}")
+    check_like("residual", residual, "x", x)
     if bias is not None:
         check_float_tensor("bias", bias)
-        if x.dim() == 0 or bias.numel() != x.shape[-1] or bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(f"bias must be a [{x.shape[-1] if x.dim() else '?'}] tensor of x's dtype and "
-                             f"device, got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+        # the shape itself, not the element count: a [h, 1] bias has h elements but broadcasts
+        # differently (the eval path, a plain sum, would then fail or silently broadcast)
+        if x.dim() == 0 or bias.shape != x.shape[-1:]:
+            raise ValueError(f"bias must have shape ({x.shape[-1] if x.dim() else '?'},) (the last dimension "
+                             f"of x), got {tuple(bias.shape)}")
+        check_like("bias", bias, "x", x)
     if not training or p == 0.0:
         return residual + (x + bias if bias is not None else x)
     return BiasDropoutAddFunction.apply(x, bias, residual, float(p))

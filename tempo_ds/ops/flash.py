@@ -20,9 +20,10 @@ backward agree whatever the chunk size, the CPU build, the CUDA build and the Py
 the same bits, and the debug hook (`record_dropout_masks`) reports the whole mask.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend
-from ._checks import check_float_tensor, check_probability
+from ._checks import autocast_inputs, autocast_off, check_float_tensor, check_like, check_probability
 from .dropout import draw_seed, report_mask
 
 # Score elements per chunk (b · np · rows · sk): 4M fp32 scores are 16 MiB, and a chunk holds a few
@@ -88,6 +89,17 @@ class RecomputeAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, p, scale, causal, chunk_size):
+        with autocast_off(q.device.type):
+            return RecomputeAttentionFunction._forward(ctx, q, k, v, p, scale, causal, chunk_size)
+
+    @staticmethod
+    @once_differentiable  # backward's recomputation is not differentiable: raise on double backward
+    def backward(ctx, grad_out):
+        with autocast_off(grad_out.device.type):
+            return RecomputeAttentionFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, p, scale, causal, chunk_size):
         b, heads, sq, hn = q.shape
         groups, sk = k.shape[1], k.shape[2]
         acc = _acc_dtype(q.dtype)
@@ -106,8 +118,10 @@ class RecomputeAttentionFunction(torch.autograd.Function):
             if p > 0.0:
                 probs.mul_(_keep_scale(kernels, seed, p, shape, chunk, acc, groups))
             o = torch.matmul(probs, v_acc[:, :, :chunk.cols])
-            out[:, :, chunk.r0:chunk.r1] = o.view(b, heads, chunk.r1 - chunk.r0, -1)
-            lse[..., chunk.r0:chunk.r1] = chunk_lse.view(b, groups, heads // groups, -1)
+            # explicit sizes: a -1 is ambiguous when another size is 0 (an empty batch)
+            n = chunk.r1 - chunk.r0
+            out[:, :, chunk.r0:chunk.r1] = o.view(b, heads, n, v.shape[-1])
+            lse[..., chunk.r0:chunk.r1] = chunk_lse.view(b, groups, heads // groups, n)
         if p > 0.0:
             report_mask("recompute_attention", kernels, seed, shape, p)
         ctx.p, ctx.scale, ctx.causal, ctx.rows = p, scale, causal, rows
@@ -115,7 +129,7 @@ class RecomputeAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def _backward(ctx, grad_out):
         q, k, v, lse, seed = ctx.saved_tensors
         b, heads, sq, hn = q.shape
         groups, sk = k.shape[1], k.shape[2]
@@ -153,8 +167,8 @@ def recompute_attention(q, k, v, p=0.0, scale=None, causal=False, chunk_size=Non
 
     Args:
         q: [b, np, sq, hn] float (any strides: Megatron's q is a view of the QKV projection).
-        k: [b, ng, sk, hn] of q's dtype and device, ng dividing np (GQA: head h uses group
-            h // (np / ng)).
+        k: [b, ng, sk, hn] of q's dtype (after autocast's conversion, below) and device, ng
+            dividing np (GQA: head h uses group h // (np / ng)).
         v: [b, ng, sk, hv] of q's dtype and device.
         p: attention dropout probability in [0, 1); pass 0 in eval. One seed is drawn from the
             device's torch generator when p > 0 (none otherwise).
@@ -164,12 +178,26 @@ def recompute_attention(q, k, v, p=0.0, scale=None, causal=False, chunk_size=Non
             DEFAULT_CHUNK_ELEMENTS scores. The result does not depend on it beyond fp rounding of
             the dk, dv sums (the dropout mask does not depend on it at all).
 
-    Returns: [b, np, sq, hv] in q's dtype. Scores, softmax statistics and all matmuls are computed
-    in fp32 (fp64 for fp64 inputs).
+    Returns: [b, np, sq, hv] in q's dtype (in the autocast dtype under autocast, below). Scores,
+    softmax statistics and all matmuls are computed in fp32 (fp64 for fp64 inputs).
+
+    Under torch.autocast (enabled for q's device type) the op behaves as
+    F.scaled_dot_product_attention does: float16/bfloat16/float32 q, k, v are first converted to the
+    autocast dtype (float64 is left alone; k, v must then share q's dtype), the output is in that
+    dtype, and the gradients come back in each input's own dtype through the conversion. The
+    computation itself then runs with autocast off, in forward and backward alike (fp32 accumulation
+    as above), so that the probabilities backward recomputes are those of the forward.
 
     Saves for backward: q, k, v (inputs, kept by reference: no new bytes when they are views of a
-    tensor already kept, as Megatron's QKV output), the logsumexp [b, np, sq] (fp32; fp64 for
-    fp64 inputs) and an 8-byte seed. Not the output, not the probabilities, not a mask.
+    tensor already kept, as Megatron's QKV output; under autocast with inputs of another dtype,
+    the converted copies, as SDPA keeps them), the logsumexp [b, np, sq] (fp32; fp64 for fp64
+    inputs) and an 8-byte seed. Not the output, not the probabilities, not a mask.
+
+    Differentiable once: a double backward (create_graph=True, then backward through the
+    gradient) raises a RuntimeError rather than returning a wrong second derivative.
+
+    Raises: TypeError for a non-float q, k or v, or k, v of another dtype than q; ValueError for a
+    wrong shape, k or v on another device, p outside [0, 1) or chunk_size < 1.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t)
@@ -181,9 +209,10 @@ def recompute_attention(q, k, v, p=0.0, scale=None, causal=False, chunk_size=Non
             or v.shape[:3] != k.shape[:3]):
         raise ValueError(f"k must be [b={b}, ng, sk, hn={hn}] with ng dividing np={heads} and v [b, ng, sk, hv]; "
                          f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    # converted before the dtype check: under autocast mixed input dtypes are fine, as for SDPA
+    q, k, v = autocast_inputs(q.device.type, q, k, v)
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype or t.device != q.device:
-            raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, {t.device}")
+        check_like(name, t, "q", q)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of query rows, got {chunk_size}")
     scale = hn ** -0.5 if scale is None else float(scale)

@@ -10,6 +10,7 @@ once with the float64 inversion and then read by a gather: the backward does no 
 The table is a constant of the op, not an activation: autograd saves nothing more.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._checks import check_choice, check_float_tensor
@@ -60,6 +61,7 @@ class GeluFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' GELU'(x) is not differentiable: raise on double backward
     def backward(ctx, dy):
         y, bits = ctx.saved_tensors
         kernels = _backend.ops("core", y.device)
@@ -80,6 +82,10 @@ def gelu(x, approximate="none"):
         approximate: "none" (erf form) or "tanh" (GPT-2 / Megatron openai_gelu form).
 
     Saves for backward: the output y and ceil(x.numel()/8) bytes of branch bits.
+
+    Differentiable once: a double backward (create_graph=True, then backward through the
+    gradient, as a gradient penalty does) raises a RuntimeError rather than returning a wrong
+    second derivative (the kernels' backward has no derivative of its own).
     """
     check_float_tensor("x", x)
     check_choice("approximate", approximate, APPROXIMATIONS)

@@ -18,8 +18,8 @@ output dtype, and no optimizer step since (any torch.optim optimizer, counted th
 global step hook). In training that is one check per norm per optimizer step, whatever the
 micro-batch count and activation recomputation. An in-place edit through `.data` bypasses the
 version counter; pass recover_check=False (or set the module attribute) to skip the check
-altogether when gamma is known to stay away from zero. Without a valid check, an unrecoverable
-feature makes the gradients of its rows non-finite.
+altogether when gamma is known to stay away from zero. Without a valid check, gamma_j == 0 makes
+the gradients non-finite, but gamma_j small against beta_j gives finite, inaccurate ones.
 """
 import warnings
 import weakref
