@@ -1,5 +1,6 @@
 """Numerical checks shared by the tests: our error against a float64 reference may be at most
 twice PyTorch's own error in the same dtype, plus a tiny atol."""
+import pytest
 import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -40,3 +41,14 @@ def assert_within_pytorch_error(ours, pytorch, ref, name="output", factor=2.0, a
         f"{name}: our error {ours_err:.3e} > {factor} x PyTorch's {pt_err:.3e} + atol {atol:.1e} "
         f"({err.__name__})")
     return ours_err, pt_err
+
+
+def assert_double_backward_raises(out, leaf):
+    """A gradient penalty through the op that made `out` from `leaf`: the op's backward is not
+    differentiable, so differentiating the gradient must raise rather than silently drop the op's
+    second-order term. (The leaf's own square keeps the graph connected, so without
+    once_differentiable the penalty would back-propagate without a word.)"""
+    grad, = torch.autograd.grad(out.float().square().sum(), [leaf], create_graph=True)
+    penalty = grad.float().square().sum() + leaf.float().square().sum()
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        penalty.backward()

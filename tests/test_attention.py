@@ -12,7 +12,7 @@ from tempo_ds.memory import SavedTensorLedger
 from tempo_ds.ops import _backend
 from tempo_ds.ops.dropout import record_dropout_masks
 
-from .numerics import DTYPES, assert_within_pytorch_error
+from .numerics import DTYPES, assert_double_backward_raises, assert_within_pytorch_error
 
 MASKED = -10000.0
 
@@ -261,17 +261,11 @@ def test_autocast_is_the_op_on_converted_inputs(poisoned, dtype, softmax_in_fp32
 
 @pytest.mark.parametrize("mode", ["built", "torch"])
 def test_double_backward_raises(mode, monkeypatch):
-    """A gradient penalty through the op: its backward is not differentiable, so differentiating
-    the gradient raises instead of silently dropping the op's second-order term (the x² term
-    keeps the graph connected, so without once_differentiable the penalty would back-propagate)."""
     monkeypatch.setenv("TEMPO_DS_OPS", mode)
     scores = torch.randn(1, 2, 6, 6, requires_grad=True)
     v = torch.randn(1, 2, 6, 4, requires_grad=True)
     out = ops.softmax_dropout_matmul(scores, v, None, 0.2, 1.0, causal=True)
-    dscores, = torch.autograd.grad(out.square().sum(), [scores], create_graph=True)
-    penalty = dscores.square().sum() + scores.square().sum()
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        penalty.backward()
+    assert_double_backward_raises(out, scores)
 
 
 @pytest.mark.parametrize("scores_shape,v_shape", [

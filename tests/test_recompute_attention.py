@@ -10,7 +10,7 @@ from tempo_ds import ops
 from tempo_ds.memory import SavedTensorLedger
 from tempo_ds.ops.dropout import record_dropout_masks
 
-from .numerics import DTYPES, assert_within_pytorch_error
+from .numerics import DTYPES, assert_double_backward_raises, assert_within_pytorch_error
 
 
 # every test runs with fresh kernel outputs NaN-filled (conftest's poison fixture)
@@ -244,16 +244,9 @@ def test_autocast_is_the_op_on_converted_inputs(dtype):
 
 @pytest.mark.parametrize("mode", ["built", "torch"])
 def test_double_backward_raises(mode, monkeypatch):
-    """A gradient penalty through the op: backward is not differentiable, so differentiating the
-    gradient raises instead of silently dropping the op's second-order term (the x² term keeps
-    the graph connected, so without once_differentiable the penalty would back-propagate)."""
     monkeypatch.setenv("TEMPO_DS_OPS", mode)
     q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 2, 2, 6, 4))
-    out = ops.recompute_attention(q, k, v, p=0.2, causal=True)
-    dq, = torch.autograd.grad(out.square().sum(), [q], create_graph=True)
-    penalty = dq.square().sum() + q.square().sum()
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        penalty.backward()
+    assert_double_backward_raises(ops.recompute_attention(q, k, v, p=0.2, causal=True), q)
 
 
 @pytest.mark.parametrize("q_shape,k_shape", [

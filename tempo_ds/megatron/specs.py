@@ -102,8 +102,9 @@ def apply_tempo_config(config):
     """A copy of `config` whose MLP runs the Tempo GELU.
 
     Sets activation_func to tempo_gelu (erf; F.gelu) or tempo_gelu_tanh (openai_gelu, fast_gelu,
-    gelu_impl, approximate="tanh", or config.openai_gelu) and bias_activation_fusion to False. Idempotent; the argument is not modified. Raises NotImplementedError for activations
-    other than GELU.
+    gelu_impl, approximate="tanh", or config.openai_gelu) and bias_activation_fusion to False.
+    Idempotent; the argument is not modified. Raises NotImplementedError for activations other
+    than GELU (and for Megatron's erf_gelu, see gelu_form).
     """
     activation = _tempo_activation(config)
     if config.activation_func is activation and not config.bias_activation_fusion:
