@@ -142,3 +142,20 @@ def test_causal_verdict_is_kept_per_mask_version():
     assert not is_causal_mask(mask, 6, 6)
     assert is_causal_mask(torch.zeros(2, 1, 1, 6, dtype=torch.bool), 1, 6)  # one query sees all keys
     assert not is_causal_mask(mask.float(), 6, 6)  # only boolean masks take the flash path
+
+
+def test_flash_attention_with_bert_padding_mask_is_refused_before_any_swap():
+    """BERT passes its padding mask to every layer; the flash path cannot apply it. Asked for
+    flash, the spec and the swap refuse at build time, naming the setting, not at the first
+    forward."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from tempo_ds import megatron as tm
+    from tempo_ds.deepspeed.config import TempoConfigError
+
+    with pytest.raises(ValueError, match="attention='flash' cannot apply BERT's padding mask"):
+        tm.get_bert_layer_tempo_spec(attention="flash")
+    model = mu.build("bert", "stock", mu.tiny_config())
+    with pytest.raises(TempoConfigError, match='"tempo.attention": "flash"'):
+        swap_model(model, TempoConfig(attention="flash"), log=False)
+    assert all(type(m) is DotProductAttention for m in _core_attentions(model))
+    assert not any(type(m).__name__.startswith("Tempo") for m in model.modules())

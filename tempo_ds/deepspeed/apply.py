@@ -122,12 +122,28 @@ def _attention_from_stock(module, path):
     return new
 
 
+def _check_attention_path(model, path):
+    """"flash" cannot apply a padding mask, which every forward of a padding-mask attention (BERT's)
+    passes: refused before anything is swapped, naming the setting."""
+    try:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        from megatron.core.transformer.enums import AttnMaskType
+    except ImportError:
+        return
+    if path == "flash" and any(type(m) is DotProductAttention and m.attn_mask_type == AttnMaskType.padding
+                               for m in model.modules()):
+        from .config import TempoConfigError
+        raise TempoConfigError('"tempo.attention": "flash" cannot apply the padding mask of this model\'s '
+                               'attention (BERT); use "auto" or "tempo"')
+
+
 def swap_attention(model, path):
     """Replace every stock DotProductAttention (exact class) by TempoCoreAttention; returns the count."""
     try:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
     except ImportError:
         return 0
+    _check_attention_path(model, path)
     count = 0
     for _, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -144,6 +160,8 @@ def swap_model(model, config, log=True):
     "tempo_ds: swapped 4 gelu module(s)".
     """
     kinds = set(config.kinds)
+    if "attention" in kinds:
+        _check_attention_path(model, config.attention)
     counts = swap_modules(model, kinds=kinds - {"attention"})
     for kind, n in swap_attributes(model, kinds).items():
         counts[kind] = counts.get(kind, 0) + n

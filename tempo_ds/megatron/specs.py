@@ -216,11 +216,14 @@ def get_bert_layer_tempo_spec(normalization=None, attention="auto"):
     Build the model with TempoBertModel (or see its docstring for why stock BertModel refuses
     a core_attention other than DotProductAttention without Transformer Engine).
         normalization: validated only; config.normalization decides, as in the stock spec.
-        attention: TempoCoreAttention path, "auto" | "flash" | "tempo".
+        attention: TempoCoreAttention path, "auto" | "tempo" ("flash" raises: BERT always passes
+            its padding mask, which the flash path cannot apply).
 
     Returns a ModuleSpec for TransformerLayer (padding-mask self-attention).
     """
     _check_normalization(normalization)
+    if attention == "flash":
+        raise ValueError("attention='flash' cannot apply BERT's padding mask; use 'auto' or 'tempo'")
     return _layer_spec(AttnMaskType.padding, attention, IdentityOp)
 
 
