@@ -122,3 +122,54 @@ def test_bad_mode_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TEMPO_DS_OPS", "fast")
     with pytest.raises(ValueError, match="TEMPO_DS_OPS"):
         _backend.ops("core", torch.device("cpu"))
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+_SEED = dict(dtype=torch.int64)
+# Every entry point of the CPU builds, called with tensors of another device (meta: no data).
+CPU_ENTRY_POINTS = {
+    "gelu_fwd": ("core", lambda k: k.gelu_fwd(_meta(8), False)),
+    "gelu_bwd": ("core", lambda k: k.gelu_bwd(_meta(8), _meta(8), _meta(1, dtype=torch.uint8), False)),
+    "gelu_bwd_table": ("core", lambda k: k.gelu_bwd_table(_meta(8, dtype=torch.bfloat16),
+                                                          _meta(8, dtype=torch.bfloat16),
+                                                          _meta(1, dtype=torch.uint8), _meta(2, 1 << 16))),
+    "layer_norm_fwd": ("core", lambda k: k.layer_norm_fwd(_meta(2, 4), None, None, 1e-5)),
+    "layer_norm_bwd": ("core", lambda k: k.layer_norm_bwd(_meta(2, 4), _meta(2, 4), _meta(2), None, None)),
+    "rms_norm_fwd": ("core", lambda k: k.rms_norm_fwd(_meta(2, 4), None, 1e-5)),
+    "rms_norm_bwd": ("core", lambda k: k.rms_norm_bwd(_meta(2, 4), _meta(2, 4), _meta(2), None)),
+    "dropout_fwd": ("dropout", lambda k: k.dropout_fwd(_meta(8), _meta(1, **_SEED), 0.1)),
+    "dropout_mask": ("dropout", lambda k: k.dropout_mask(_meta(1, **_SEED), 8, 0.1)),
+    "dropout_mask_block": ("dropout", lambda k: k.dropout_mask_block(_meta(1, **_SEED), 0.1, 0, 1, 1, 1, 1, 1)),
+    "bias_dropout_add_fwd": ("dropout", lambda k: k.bias_dropout_add_fwd(_meta(2, 4), None, _meta(2, 4),
+                                                                        _meta(1, **_SEED), 0.1)),
+    "softmax_dropout_fwd": ("dropout", lambda k: k.softmax_dropout_fwd(_meta(2, 4, 4), None, False, 1.0,
+                                                                      _meta(1, **_SEED), 0.1, False)),
+    "softmax_dropout_regen": ("dropout", lambda k: k.softmax_dropout_regen(_meta(2, 4, 4), _meta(1, **_SEED), 0.1,
+                                                                          torch.float32)),
+    "softmax_dropout_bwd": ("dropout", lambda k: k.softmax_dropout_bwd(_meta(2, 4, 4), _meta(2, 4, 4), None, False,
+                                                                      1.0, _meta(1, **_SEED), 0.1, torch.float32)),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(CPU_ENTRY_POINTS))
+def test_cpu_build_refuses_tensors_of_another_device(entry):
+    """The Python layer picks a build by device; a direct call into the CPU extension with tensors
+    elsewhere must raise before any data is read, as the CUDA build's checks do."""
+    family, call = CPU_ENTRY_POINTS[entry]
+    kernels = _backend.ops(family, "cpu")
+    assert _backend.is_compiled(kernels)
+    with pytest.raises(RuntimeError, match="CPU"):
+        call(kernels)
+    assert {n for n in dir(kernels) if not n.startswith("_") and n != "set_poison"} <= set(CPU_ENTRY_POINTS)
+
+
+def test_cpu_bias_dropout_add_refuses_a_residual_or_bias_elsewhere():
+    kernels = _backend.ops("dropout", "cpu")
+    x, seed = torch.randn(2, 4), torch.tensor([1], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="residual must match x in size, dtype and device"):
+        kernels.bias_dropout_add_fwd(x, None, _meta(2, 4), seed, 0.1)
+    with pytest.raises(RuntimeError, match="bias must be .* device"):
+        kernels.bias_dropout_add_fwd(x, _meta(4), torch.randn(2, 4), seed, 0.1)

@@ -52,7 +52,7 @@ void bias_dropout_add_kernel(const scalar_t* x, const scalar_t* bias, const scal
 }  // namespace
 
 at::Tensor dropout_fwd(const at::Tensor& x, const at::Tensor& seed, double p) {
-    TORCH_CHECK(x.is_contiguous(), "dropout_fwd: x must be contiguous");
+    TORCH_CHECK(x.is_cpu() && x.is_contiguous(), "dropout_fwd: x must be a contiguous CPU tensor");
     detail::check_seed(seed, x, "dropout_fwd");
     detail::check_p(p, "dropout_fwd");
     auto y = empty_output(x);
@@ -64,6 +64,7 @@ at::Tensor dropout_fwd(const at::Tensor& x, const at::Tensor& seed, double p) {
 }
 
 at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p) {
+    TORCH_CHECK(seed.is_cpu(), "dropout_mask: seed must be a CPU tensor");
     detail::check_seed(seed, seed, "dropout_mask");
     detail::check_p(p, "dropout_mask");
     auto mask = at::empty({n}, seed.options().dtype(at::kBool));
@@ -80,6 +81,7 @@ at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p) {
 
 at::Tensor dropout_mask_block(const at::Tensor& seed, double p, int64_t offset, int64_t outer,
                               int64_t outer_stride, int64_t rows, int64_t row_stride, int64_t cols) {
+    TORCH_CHECK(seed.is_cpu(), "dropout_mask_block: seed must be a CPU tensor");
     detail::check_mask_block(seed, p, offset, outer, outer_stride, rows, row_stride, cols);
     auto mask = at::empty({outer, rows, cols}, seed.options().dtype(at::kBool));
     bool* out = mask.data_ptr<bool>();
@@ -107,16 +109,18 @@ at::Tensor dropout_mask_block(const at::Tensor& seed, double p, int64_t offset, 
 
 at::Tensor bias_dropout_add_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& residual, const at::Tensor& seed, double p) {
-    TORCH_CHECK(x.is_contiguous() && residual.is_contiguous(), "bias_dropout_add_fwd: x and residual must be contiguous");
-    TORCH_CHECK(residual.numel() == x.numel() && residual.scalar_type() == x.scalar_type(),
-                "bias_dropout_add_fwd: residual must match x in size and dtype");
+    TORCH_CHECK(x.is_cpu() && x.is_contiguous() && residual.is_contiguous(),
+                "bias_dropout_add_fwd: x and residual must be contiguous CPU tensors");
+    TORCH_CHECK(residual.numel() == x.numel() && residual.scalar_type() == x.scalar_type() &&
+                    residual.device() == x.device(),
+                "bias_dropout_add_fwd: residual must match x in size, dtype and device");
     detail::check_seed(seed, x, "bias_dropout_add_fwd");
     detail::check_p(p, "bias_dropout_add_fwd");
     int64_t h = 1;
     if (bias.has_value()) {
         TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type() && bias->numel() > 0 &&
-                        x.numel() % bias->numel() == 0,
-                    "bias_dropout_add_fwd: bias must be contiguous, of x's dtype, and divide x's size");
+                        x.numel() % bias->numel() == 0 && bias->device() == x.device(),
+                    "bias_dropout_add_fwd: bias must be contiguous, of x's dtype and device, and divide x's size");
         h = bias->numel();
     }
     auto out = empty_output(x);

@@ -112,6 +112,7 @@ void softmax_dropout_bwd_kernel(const grad_t* grad, const prob_t* probs, out_t* 
 std::vector<at::Tensor> softmax_dropout_fwd(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
                                             bool causal, double scale, const at::Tensor& seed, double p,
                                             bool keep_fp32) {
+    TORCH_CHECK(scores.is_cpu(), "softmax_dropout_fwd: scores must be a CPU tensor");
     const MaskView view = detail::make_mask_view(mask, scores, causal, "softmax_dropout_fwd");
     detail::check_seed(seed, scores, "softmax_dropout_fwd");
     detail::check_p(p, "softmax_dropout_fwd");
@@ -137,7 +138,7 @@ std::vector<at::Tensor> softmax_dropout_fwd(const at::Tensor& scores, const std:
 }
 
 at::Tensor softmax_dropout_regen(const at::Tensor& probs, const at::Tensor& seed, double p, at::ScalarType out_dtype) {
-    TORCH_CHECK(probs.is_contiguous(), "softmax_dropout_regen: probs must be contiguous");
+    TORCH_CHECK(probs.is_cpu() && probs.is_contiguous(), "softmax_dropout_regen: probs must be a contiguous CPU tensor");
     detail::check_seed(seed, probs, "softmax_dropout_regen");
     detail::check_p(p, "softmax_dropout_regen");
     TORCH_CHECK(probs.scalar_type() == out_dtype || probs.scalar_type() == at::kFloat,
@@ -155,6 +156,7 @@ at::Tensor softmax_dropout_regen(const at::Tensor& probs, const at::Tensor& seed
 
 at::Tensor softmax_dropout_bwd(const at::Tensor& grad, const at::Tensor& probs, const std::optional<at::Tensor>& mask,
                                bool causal, double scale, const at::Tensor& seed, double p, at::ScalarType out_dtype) {
+    TORCH_CHECK(grad.is_cpu() && probs.is_cpu(), "softmax_dropout_bwd: inputs must be CPU tensors");
     const MaskView view = detail::make_mask_view(mask, probs, causal, "softmax_dropout_bwd");
     TORCH_CHECK(grad.is_contiguous() && grad.sizes() == probs.sizes(), "softmax_dropout_bwd: grad must be contiguous, shaped like probs");
     TORCH_CHECK(probs.scalar_type() == grad.scalar_type() || probs.scalar_type() == at::kFloat,

@@ -49,7 +49,7 @@ void gelu_bwd_kernel(Derivative derivative, const scalar_t* dy, const scalar_t* 
 }  // namespace
 
 std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
-    TORCH_CHECK(x.is_contiguous(), "gelu_fwd: x must be contiguous");
+    TORCH_CHECK(x.is_cpu() && x.is_contiguous(), "gelu_fwd: x must be a contiguous CPU tensor");
     auto y = empty_output(x);
     auto bits = at::empty({(x.numel() + 7) / 8}, x.options().dtype(at::kByte));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
@@ -64,6 +64,7 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
 }
 
 at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {
+    TORCH_CHECK(y.is_cpu(), "gelu_bwd: inputs must be CPU tensors");  // the others: on y's device
     check_gelu_bwd_args(dy, y, bits);
     auto dx = empty_output(y);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gelu_bwd", [&] {
@@ -79,6 +80,7 @@ at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor&
 
 at::Tensor gelu_bwd_table(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits,
                           const at::Tensor& table) {
+    TORCH_CHECK(y.is_cpu(), "gelu_bwd_table: inputs must be CPU tensors");  // the others: on y's device
     check_gelu_bwd_args(dy, y, bits);
     check_gelu_table(table, y);
     auto dx = empty_output(y);

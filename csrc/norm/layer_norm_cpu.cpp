@@ -136,6 +136,7 @@ void sum_chunks(const acc_t* part, param_t* out, int64_t chunks, int64_t N) {
 template <bool kRms>
 std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias, double eps) {
+    TORCH_CHECK(x.is_cpu(), op, ": tensors must be on the CPU");  // the parameters: on x's device
     norm_host::check_norm_args(op, x, weight, bias);
     const int64_t M = x.size(0), N = x.size(1);
     auto y = empty_output(x);
@@ -162,6 +163,7 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std:
 template <bool kRms>
 std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd,
                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+    TORCH_CHECK(y.is_cpu(), op, ": tensors must be on the CPU");  // the others: on y's device
     norm_host::check_saved(op, dy, y, rstd);
     norm_host::check_norm_args(op, y, weight, bias);
     const int64_t M = y.size(0), N = y.size(1);

@@ -53,6 +53,8 @@ inline void check_saved(const char* op, const at::Tensor& dy, const at::Tensor& 
                 ": dy must be contiguous with the shape and dtype of y");
     TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == y.size(0) && rstd.is_contiguous(), op,
                 ": rstd must be a contiguous [rows] tensor");
+    TORCH_CHECK(dy.device() == y.device() && rstd.device() == y.device(), op,
+                ": dy and rstd must be on y's device (", y.device(), ")");
     const at::ScalarType acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     TORCH_CHECK(rstd.scalar_type() == acc, op, ": rstd must be ", acc, ", got ", rstd.scalar_type());
 }
