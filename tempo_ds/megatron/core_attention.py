@@ -68,11 +68,14 @@ def is_causal_mask(mask, sq, sk):
 
     Comparing costs a device-to-host synchronisation, so the verdict is kept on the mask tensor
     for its current version: one check per mask, not per layer (Megatron passes the same mask to
-    every layer)."""
+    every layer). During a CUDA graph capture, where no synchronisation may happen, an unchecked
+    mask counts as not causal (the tempo path applies it exactly)."""
     kept = getattr(mask, _CAUSAL_VERDICT, None)
     state = (mask._version, sq, sk)
     if kept is not None and kept[:3] == state:
         return kept[3]
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # no synchronisation inside a CUDA graph capture: the tempo path honours any mask
     verdict = False
     if mask.dtype == torch.bool and mask.dim() >= 2 and tuple(mask.shape[-2:]) == (sq, sk):
         expected = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu(sk - sq + 1)
