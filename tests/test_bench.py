@@ -235,6 +235,10 @@ def test_ops_gpu_run_records_both_measures():
             assert set(side["busy_wait"]) == {"fwd", "bwd", "full"}
             assert all(wait["sleep_s"] >= ops.SLEEP_FLOOR_S for wait in side["busy_wait"].values())
         assert row["ours"]["fwd_device_GBps"] > 0 and row["ours"]["bwd_device_GBps"] > 0
+        # a full step holds at least the output and the input's gradient, each of x's size
+        # (the peak once left out the gradients of the timings before it)
+        x_bytes = math.prod(row["shape"][0]) * torch.tensor([], dtype=torch.bfloat16).element_size()
+        assert row["ours"]["peak_bytes"] >= 2 * x_bytes and row["stock"]["peak_bytes"] >= 2 * x_bytes
     assert any("device time" in what for what, *_ in ops.check_targets(report))
 
 
@@ -299,3 +303,47 @@ def test_convergence_command(tmp_path):
     assert result["max_diff_seed"] > 0 and result["max_diff_tempo"] > 0
     assert result["max_diff_tempo"] <= 4 * result["max_diff_seed"]
     assert "max |stock-tempo|" in proc.stdout
+
+
+def test_ops_table_has_no_bandwidth_for_cases_without_byte_counts():
+    """Attention moves different tensors on each path (the flash path makes no s x s one): its
+    cases have no byte count, so no GB/s, and the table prints '-' there."""
+    from tempo_ds.bench import ops
+    from tempo_ds.bench.attention_case import cases
+    pytest.importorskip("megatron.core")
+    assert all(c.fwd_bytes is None and c.bwd_bytes is None for c in cases(ops.Case))
+    assert ops._bandwidths(cases(ops.Case)[0], (), {}) == {}
+    report = _ops_report()
+    attention = {"op": "attention[flash] vs unfused", "shape": [[8, 8]],
+                 "ours": _ops_times(0.5e-3, 0.4e-3), "stock": _ops_times(1.0e-3, 1.0e-3)}
+    report["results"].append(attention)
+    rows = [line.split() for line in ops.format_table(report).splitlines() if line.startswith("attention[flash]")]
+    per_call, device_time = rows  # GB/s: before the peak columns, and last
+    assert per_call[-4:-2] == ["-", "-"] and device_time[-2:] == ["-", "-"]
+
+
+def test_header_names_the_device_that_ran():
+    from tempo_ds.bench.machine import header
+    info = _ops_report()["machine"]
+    assert header(info).startswith("GPU Test GPU")
+    assert header(info, "cpu").startswith("CPU x86_64") and "ratios, not speeds" in header(info, "cpu")
+
+
+def test_json_safe_replaces_non_finite_floats():
+    from tempo_ds.bench.machine import json_safe
+    value = {"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": "x", "e": 3}
+    assert json_safe(value) == {"a": None, "b": [1.5, None, {"c": None}], "d": "x", "e": 3}
+    json.loads(json.dumps(json_safe(value), allow_nan=False))
+
+
+def test_train_benchmark_refuses_zero_and_negative_counts(capsys):
+    """0 would read as "the default" where the options are combined with `or`: refused at parse."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    assert parser.parse_args(["--steps", "3"]).steps == 3
+    for flag in ("--steps", "--max-micro-batch", "--common-micro-batch", "--layers", "--seq-length"):
+        for value in ("0", "-1"):
+            with pytest.raises(SystemExit):
+                parser.parse_args([flag, value])
+            assert "must be a positive integer" in capsys.readouterr().err

@@ -7,7 +7,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tempo_ds.bench")
     sub = parser.add_subparsers(dest="command", required=True)
     p_ops = sub.add_parser("ops", help="each Tempo op against its stock twin")
-    p_ops.add_argument("--only", nargs="*", help="case groups: gelu norm dropout attention")
+    p_ops.add_argument("--only", nargs="*", choices=["gelu", "norm", "dropout", "attention"],
+                       help="case groups (default: all)")
     p_ops.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p_ops.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p_ops.add_argument("--size", default=None, choices=["small", "large"])

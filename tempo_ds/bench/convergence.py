@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from .machine import header, machine_info
+from .machine import header, json_safe, machine_info
 from .train import Batches, Variant, build_engine, setup_distributed, train_step
 
 RUNS = (
@@ -73,12 +73,18 @@ def compare(model, steps=60, micro_batch=4, seq=128, size="tiny", seed=1234, dro
             "max_diff_seed": max_diff(curves["stock (other dropout seed)"])}
 
 
+def _size_names():
+    from ..training.models import SIZES
+    return sorted(set().union(*SIZES.values()))
+
+
 def add_arguments(p):
     p.add_argument("--models", nargs="+", choices=("gpt2", "bert"), default=["gpt2", "bert"])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--size", default="tiny", help="a named size of tempo_ds.training.models.SIZES")
+    p.add_argument("--size", default="tiny", choices=_size_names(),
+                   help="a named size of tempo_ds.training.models.SIZES that every model of --models has")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--out", default="results/bench_convergence", help="folder for JSON and plots")
@@ -88,6 +94,11 @@ def main(args):
     import logging
     logging.getLogger("tempo_ds").setLevel(logging.WARNING)
     from . import plots
+    from ..training.models import SIZES
+
+    for model in args.models:
+        if args.size not in SIZES[model]:
+            raise SystemExit(f"--size {args.size}: {model} has the sizes {', '.join(SIZES[model])}")
 
     info = machine_info()
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -98,7 +109,7 @@ def main(args):
                                args.seed, args.dropout, log))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "convergence.json"), "w") as f:
-        json.dump({"machine": info, "results": results}, f, indent=1)
+        json.dump(json_safe({"machine": info, "results": results}), f, indent=1)
     print(header(info))
     print(f"{'model':<8}{'steps':>6}{'final stock':>13}{'final tempo':>13}"
           f"{'max |stock-tempo|':>19}{'max |stock-stock(seed+1)|':>27}")

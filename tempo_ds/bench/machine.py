@@ -1,4 +1,5 @@
 """The header every benchmark prints and stores: what ran, where, from which commit."""
+import math
 import os
 import platform
 import subprocess
@@ -38,8 +39,22 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def header(info):
-    where = f"GPU {info['gpu']} (CUDA {info['cuda']})" if info["gpu"] else \
-        f"CPU {info['cpu']} x{info['cpu_threads']} threads (no GPU: times are ratios, not speeds)"
+def json_safe(obj):
+    """obj with every non-finite float replaced by None: json writes NaN and Infinity as bare
+    words, which are not JSON, and a json.dump default= never sees floats."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def header(info, device="cuda"):
+    """One line naming what ran: the GPU when `device` (the device type the figures come from) is
+    cuda and the machine has one, else the CPU, whose times are ratios, not speeds."""
+    where = f"GPU {info['gpu']} (CUDA {info['cuda']})" if info["gpu"] and device == "cuda" else \
+        f"CPU {info['cpu']} x{info['cpu_threads']} threads (times are ratios, not speeds)"
     return (f"{where} | torch {info['torch']} | deepspeed {info.get('deepspeed')} | "
             f"megatron-core {info.get('megatron_core')} | git {info['git_sha']}")

@@ -19,7 +19,6 @@ The targets are judged on both measures; CPU runs have per-call times only (no q
 """
 import functools
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..memory import SavedTensorLedger
-from .machine import header, machine_info, synchronize
+from .machine import header, json_safe, machine_info, synchronize
 
 
 @dataclass
@@ -37,8 +36,8 @@ class Case:
     make: Callable      # (device, dtype, size) -> tuple of inputs (requires_grad set)
     ours: Callable      # (*inputs) -> output
     stock: Callable     # (*inputs) -> output
-    fwd_bytes: Callable  # (*inputs) -> bytes our forward must move
-    bwd_bytes: Callable  # (*inputs) -> bytes our backward must move
+    fwd_bytes: Callable  # (*inputs) -> bytes our forward must move; None: no GB/s (no fixed count)
+    bwd_bytes: Callable  # (*inputs) -> bytes our backward must move; None as fwd_bytes
 
 
 def _nbytes(*ts):
@@ -278,6 +277,7 @@ def measure(fn, inputs, device, reps):
     t_bwd, on_queue["bwd"] = backward_timings()
     peak = None
     if device.type == "cuda":
+        zero()  # the timings' gradients go first: full() frees them, and base must not hold them
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -306,7 +306,10 @@ def copy_bandwidth(device, nbytes=1 << 30):
 
 
 def _bandwidths(case, inputs, times):
-    """GB/s of our forward and backward (GPU), per call and on a busy queue."""
+    """GB/s of our forward and backward (GPU), per call and on a busy queue; none for a case
+    without byte counts."""
+    if case.fwd_bytes is None or case.bwd_bytes is None:
+        return {}
     moved = {"fwd": case.fwd_bytes(*inputs), "bwd": case.bwd_bytes(*inputs)}
     return {f"{phase}{suffix}_GBps": moved[phase] / times[f"{phase}{suffix}_s"] / 1e9
             for suffix in ("", "_device") for phase in moved}
@@ -398,6 +401,12 @@ def _copy_line(report):
     return line
 
 
+def _gbps(side, key):
+    """A GB/s column: '-' for cases without a byte count (attention)."""
+    value = side.get(key)
+    return f"{value:>10.0f}" if value is not None else f"{'-':>10}"
+
+
 def _device_table(report):
     """Device times (busy queue) of the rows that have them: GPU reports since they were measured."""
     rows = [r for r in report["results"] if r["ours"].get("full_device_s") is not None]
@@ -412,7 +421,7 @@ def _device_table(report):
             f"{r['op']:<26}{o['fwd_device_s'] * 1e3:>9.3f}{o['fwd_device_s'] / s['fwd_device_s']:>9.2f}"
             f"{o['bwd_device_s'] * 1e3:>9.3f}{o['bwd_device_s'] / s['bwd_device_s']:>9.2f}"
             f"{o['full_device_s'] / s['full_device_s']:>8.2f}"
-            f"{o['fwd_device_GBps']:>10.0f}{o['bwd_device_GBps']:>10.0f}")
+            f"{_gbps(o, 'fwd_device_GBps')}{_gbps(o, 'bwd_device_GBps')}")
     lines.append("per call: from an idle GPU, the host's launch overhead included; "
                  "device time: queued behind a GPU busy-wait, GPU work only.")
     return lines + _busy_wait_notes(rows)
@@ -433,7 +442,7 @@ def _busy_wait_notes(rows):
 
 
 def format_table(report):
-    lines = [header(report["machine"]), f"dtype {report['dtype']}, size {report['size']}"]
+    lines = [header(report["machine"], report["device"]), f"dtype {report['dtype']}, size {report['size']}"]
     if report["copy_GBps"]:
         lines.append(_copy_line(report))
     cols = f"{'op':<26}{'fwd ms':>9}{'x stock':>9}{'bwd ms':>9}{'x stock':>9}{'full x':>8}" \
@@ -448,7 +457,7 @@ def format_table(report):
                 f"{o['bwd_s'] * 1e3:>9.3f}{o['bwd_s'] / s['bwd_s']:>9.2f}{o['full_s'] / s['full_s']:>8.2f}"
                 f"{o['saved_bytes'] / 2**20:>11.2f}{s['saved_bytes'] / 2**20:>11.2f}")
         if gpu:
-            line += (f"{o['fwd_GBps']:>10.0f}{o['bwd_GBps']:>10.0f}{o['peak_bytes'] / 2**20:>10.1f}"
+            line += (f"{_gbps(o, 'fwd_GBps')}{_gbps(o, 'bwd_GBps')}{o['peak_bytes'] / 2**20:>10.1f}"
                      f"{s['peak_bytes'] / 2**20:>8.1f}")
         lines.append(line)
     lines.append("x stock: our time / stock time (below 1 is faster). saved: bytes kept for backward.")
@@ -470,6 +479,6 @@ def main(args):
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+            json.dump(json_safe(report), f, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0

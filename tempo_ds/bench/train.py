@@ -30,10 +30,10 @@ Outputs in --out: train_<tag>.json / .csv (one row per variant), and with matplo
 train_<tag>_memory.png (ledger bytes per sample by op category) and train_<tag>_throughput.png
 (samples/s against micro-batch). `--from-json FILE` redraws the table and plots from a JSON file.
 """
+import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .machine import header, machine_info, synchronize
+from .machine import header, json_safe, machine_info, synchronize
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 2 ** 20
@@ -681,7 +681,7 @@ def write_outputs(report, out_dir, plots=True, log=None):
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"train_{report['tag']}")
     with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1, default=str)
+        json.dump(json_safe(report), f, indent=1, default=str)
     rows = csv_rows(report)
     if rows:
         with open(base + ".csv", "w", newline="") as f:
@@ -704,23 +704,31 @@ def from_json(path, out_dir, plots=True):
     return report
 
 
+def positive_int(text):
+    """argparse type of the size and count options: an integer >= 1 (0 would read as "default")."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def add_arguments(p):
     """The `train` subcommand's options (tempo_ds.bench.__main__)."""
     p.add_argument("--model", choices=("gpt2", "bert"), default="gpt2")
     p.add_argument("--size", default=None, help="named size (tempo_ds.training.models.SIZES); "
                    "default 345m / large on GPU, tiny on CPU")
-    p.add_argument("--layers", type=int, default=None, help="override the size's layers")
-    p.add_argument("--hidden", type=int, default=None, help="override the size's hidden size")
-    p.add_argument("--heads", type=int, default=None, help="override the size's attention heads")
-    p.add_argument("--seq-length", type=int, default=None, help="default 1024 GPT / 512 BERT on GPU, 64 on CPU")
-    p.add_argument("--vocab-size", type=int, default=None, help="default 50257 GPT / 30522 BERT")
+    p.add_argument("--layers", type=positive_int, default=None, help="override the size's layers")
+    p.add_argument("--hidden", type=positive_int, default=None, help="override the size's hidden size")
+    p.add_argument("--heads", type=positive_int, default=None, help="override the size's attention heads")
+    p.add_argument("--seq-length", type=positive_int, default=None, help="default 1024 GPT / 512 BERT on GPU, 64 on CPU")
+    p.add_argument("--vocab-size", type=positive_int, default=None, help="default 50257 GPT / 30522 BERT")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--memory-budget", default=None, help="cap the CUDA allocator, e.g. 16GiB")
-    p.add_argument("--common-micro-batch", type=int, default=None,
+    p.add_argument("--common-micro-batch", type=positive_int, default=None,
                    help="micro-batch every variant is timed at (default 8 GPT / 16 BERT, 2 on CPU)")
-    p.add_argument("--max-micro-batch", type=int, default=None,
+    p.add_argument("--max-micro-batch", type=positive_int, default=None,
                    help=f"cap of the search (default {GPU_CAP} on GPU, {CPU_CAP} on CPU)")
-    p.add_argument("--steps", type=int, default=None, help=f"timed steps per point (default {GPU_STEPS}, CPU {CPU_STEPS})")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"timed steps per point (default {GPU_STEPS}, CPU {CPU_STEPS})")
     p.add_argument("--warmup-steps", type=int, default=None, help=f"untimed steps before them (default {GPU_WARMUP})")
     p.add_argument("--sweep", type=int, nargs="*", default=None,
                    help="further micro-batches to time for the throughput plot (those that fit)")
@@ -751,7 +759,7 @@ def _worker_main(argv):
     cfg, out_path = json.loads(argv[1]), argv[2]
     result = run_variant(cfg, lambda line: print(line, file=sys.stderr, flush=True))
     with open(out_path, "w") as f:
-        json.dump(result, f, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+        json.dump(json_safe(result), f, default=str)
     return 0
 
 
