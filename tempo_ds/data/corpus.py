@@ -4,12 +4,17 @@ genesis_kjv.txt (data/README.md: the Book of Genesis, King James Version, public
 chapter per block, a heading line and one verse per line. Two indexed datasets are built from it
 with megatron-core's IndexedDatasetBuilder and the byte tokenizer:
 
-  <cache>/genesis_kjv_gpt.{bin,idx}   one sequence per chapter, ending with <eod> (GPTDataset)
-  <cache>/genesis_kjv_bert.{bin,idx}  one sequence per verse, one document per chapter (the layout
-                                      Megatron's BERT preprocessing writes: sentences in documents)
+  <cache>/genesis_kjv_gpt_<dtype>_eod<id>_<hash>.{bin,idx}
+        one sequence per chapter, ending with <eod> (GPTDataset)
+  <cache>/genesis_kjv_bert_<dtype>_<hash>.{bin,idx}
+        one sequence per verse, one document per chapter (the layout Megatron's BERT
+        preprocessing writes: sentences in documents)
 
+<hash> covers the corpus text, the tokenizer class and the name's other fields, so a tokenizer with
+another eod or token dtype, or an edited corpus, gets its own files instead of stale ones.
 <cache> is $TEMPO_DS_CACHE, else ~/.cache/tempo_ds. Nothing is downloaded.
 """
+import hashlib
 import os
 from pathlib import Path
 
@@ -34,13 +39,34 @@ def chapters(path=CORPUS):
     return out
 
 
+def token_dtype(tokenizer):
+    """The dtype of the .bin tokens: uint16 while every id fits, else int32."""
+    return numpy.uint16 if tokenizer.vocab_size <= 65536 else numpy.int32
+
+
+def cache_name(kind, tokenizer, path=CORPUS):
+    """File name (no folder, no suffix) of `kind`'s indexed dataset of the text at `path`.
+
+    It names everything the tokens depend on: the token dtype, the eod id (GPT only: BERT files
+    hold no special id), and a hash of those, the tokenizer class and the corpus bytes.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    fields = [kind, numpy.dtype(token_dtype(tokenizer)).name]
+    if kind == "gpt":
+        fields.append(f"eod{int(tokenizer.eod)}")
+    digest = hashlib.sha256("|".join([type(tokenizer).__qualname__, *fields]).encode())
+    digest.update(Path(path).read_bytes())
+    return "_".join([Path(path).stem, *fields, digest.hexdigest()[:10]])
+
+
 def build_indexed(prefix, kind, tokenizer, path=CORPUS):
     """Write `prefix`.bin/.idx for `kind` ("gpt" or "bert") from the text at `path`."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    dtype = numpy.uint16 if tokenizer.vocab_size <= 65536 else numpy.int32
+    dtype = token_dtype(tokenizer)
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     for heading, verses in chapters(path):
         if kind == "gpt":
@@ -61,9 +87,10 @@ def default_prefix(kind, tokenizer):
     """
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    prefix = folder / f"{CORPUS.stem}_{kind}"
+    name = cache_name(kind, tokenizer)
+    prefix = folder / name
     if not (Path(f"{prefix}.bin").exists() and Path(f"{prefix}.idx").exists()):
-        tmp = folder / f".{CORPUS.stem}_{kind}.{os.getpid()}"
+        tmp = folder / f".{name}.{os.getpid()}"
         build_indexed(str(tmp), kind, tokenizer)
         # .bin first: the .idx is the marker that both are complete.
         os.replace(f"{tmp}.bin", f"{prefix}.bin")

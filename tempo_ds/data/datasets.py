@@ -37,9 +37,11 @@ class MLMDataset(torch.utils.data.Dataset):
 
     Sample i depends only on (seed, i), so any rank, and a resumed run, sees the same sample i.
     Layout: [CLS] A [SEP] B [SEP] [PAD]...; with NSP, B is the next sentences of A's document half
-    the time and sentences of another document otherwise (label 1 = random). Masking follows BERT:
-    15% of the non-special tokens are targets, of which 80% become [MASK], 10% a random byte and
-    10% stay.
+    the time and sentences of another document otherwise (label 1 = random), so NSP needs two
+    documents. Masking follows BERT: `mask_prob` of the tokens that are not one of the tokenizer's
+    special ids (eod, pad, cls, sep, mask) are targets, of which 80% become [MASK], 10% a token drawn
+    uniformly from [0, vocab_size) less the special ids, and 10% stay. With the default byte
+    tokenizer the non-special tokens are exactly the bytes 0..255, as before.
     """
 
     def __init__(self, prefix, tokenizer, seq_length, num_samples, seed, nsp=True, mask_prob=0.15):
@@ -55,6 +57,17 @@ class MLMDataset(torch.utils.data.Dataset):
         self.docs = [(int(doc[i]), int(doc[i + 1])) for i in range(len(doc) - 1) if doc[i + 1] - doc[i] >= 2]
         if not self.docs:
             raise ValueError(f"{prefix}: no document has two sentences")
+        if nsp and len(self.docs) < 2:
+            # A "random" B must come from another document, else the label can be wrong.
+            raise ValueError(f"nsp=True needs at least two documents with two sentences; {prefix} has "
+                             f"{len(self.docs)} (pass nsp=False / --no-nsp)")
+        # Special ids are never targets nor random replacements: with data tokenized elsewhere
+        # (e.g. WordPiece) a position test like `id < 256` would miss the words entirely.
+        specials = {tokenizer.eod, tokenizer.pad, tokenizer.cls, tokenizer.sep, tokenizer.mask}
+        self.specials = numpy.array(sorted(specials), dtype=numpy.int64)
+        self.replacements = numpy.setdiff1d(numpy.arange(tokenizer.vocab_size, dtype=numpy.int64), self.specials)
+        if not len(self.replacements):
+            raise ValueError(f"tokenizer: vocab_size {tokenizer.vocab_size} leaves no non-special id")
 
     def __len__(self):
         return self.num_samples
@@ -72,12 +85,16 @@ class MLMDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx):
         rng = numpy.random.default_rng([self.seed, idx])
         budget = self.seq_length - 3
-        first, last = self.docs[rng.integers(len(self.docs))]
+        doc = int(rng.integers(len(self.docs)))
+        first, last = self.docs[doc]
         split = int(rng.integers(first + 1, last))
         is_random = bool(self.nsp and rng.random() < 0.5)
         a = self._take(rng, int(rng.integers(first, split)), split, budget // 2)
         if is_random:
-            other_first, other_last = self.docs[rng.integers(len(self.docs))]
+            # Uniform over the other documents: a draw from all of them can pick A's own document,
+            # sometimes its true continuation, under the label "random".
+            other = int(rng.integers(len(self.docs) - 1))
+            other_first, other_last = self.docs[other + (other >= doc)]
             b = self._take(rng, int(rng.integers(other_first, other_last)), other_last, budget - len(a))
         else:
             b = self._take(rng, split, last, budget - len(a))
@@ -86,14 +103,15 @@ class MLMDataset(torch.utils.data.Dataset):
         n = len(tokens)
 
         labels = numpy.full(self.seq_length, -1, numpy.int64)
-        candidates = numpy.array([i for i in range(n) if tokens[i] < 256])
+        candidates = numpy.flatnonzero(~numpy.isin(tokens, self.specials))
         picked = candidates[rng.random(len(candidates)) < self.mask_prob] if len(candidates) else candidates
         labels[picked] = tokens[picked]
         action = rng.random(len(picked))
         tokens = tokens.copy()
         tokens[picked[action < 0.8]] = self.tok.mask
         random_slots = picked[(action >= 0.8) & (action < 0.9)]
-        tokens[random_slots] = rng.integers(0, 256, len(random_slots))
+        # Indexing the sorted replacement ids keeps byte data's draws identical to integers(0, 256).
+        tokens[random_slots] = self.replacements[rng.integers(0, len(self.replacements), len(random_slots))]
 
         pad = self.seq_length - n
         return {
