@@ -9,10 +9,29 @@ which needs torch and deepspeed already installed; CUDA ops are built when a CUD
 found (CUDA_HOME, TORCH_CUDA_ARCH_LIST select it and the targets).
 """
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Folders beside the package that an installed copy needs: the op sources (JIT builds) and the
+# default DeepSpeed configs of the trainer.
+SHIPPED_DIRS = ("csrc", "configs")
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also puts SHIPPED_DIRS inside the built package (tempo_ds/csrc,
+    tempo_ds/configs), where the op builders and the trainer look outside a source checkout.
+    An editable install reads them where they are."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for name in SHIPPED_DIRS:
+            shutil.copytree(os.path.join(HERE, name), os.path.join(self.build_lib, "tempo_ds", name),
+                            dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def prebuilt_extensions():
@@ -36,6 +55,7 @@ def prebuilt_extensions():
 
 
 ext_modules, cmdclass = prebuilt_extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 setup(
     name="tempo_ds",

@@ -173,3 +173,22 @@ def test_cpu_bias_dropout_add_refuses_a_residual_or_bias_elsewhere():
         kernels.bias_dropout_add_fwd(x, None, _meta(2, 4), seed, 0.1)
     with pytest.raises(RuntimeError, match="bias must be .* device"):
         kernels.bias_dropout_add_fwd(x, _meta(4), torch.randn(2, 4), seed, 0.1)
+
+
+def test_wheel_ships_the_op_sources_and_configs(tmp_path):
+    """A non-editable install has no source checkout beside it: the wheel carries csrc/ (for JIT
+    builds) and configs/ (the trainer's defaults) inside the package, where they are looked up."""
+    import subprocess
+    import sys
+    import zipfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", root, "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TEMPO_BUILD_OPS="0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("tempo_ds-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+               for top in ("csrc", "configs") for d, _, files in os.walk(os.path.join(root, top)) for f in files
+               if "__pycache__" not in d}
+    assert sources and {f"tempo_ds/{s}" for s in sources} <= names
