@@ -22,8 +22,8 @@ SHIPPED_DIRS = ("csrc", "configs")
 
 class BuildPyWithSources(build_py):
     """build_py that also puts SHIPPED_DIRS inside the built package (tempo_ds/csrc,
-    tempo_ds/configs), where the op builders and the trainer look outside a source checkout.
-    An editable install reads them where they are."""
+    tempo_ds/configs), where tempo_ds._shipped looks outside a source checkout. An editable
+    install reads them where they are."""
 
     def run(self):
         super().run()

@@ -138,12 +138,12 @@ def _check_attention_path(model, path):
 
 
 def swap_attention(model, path):
-    """Replace every stock DotProductAttention (exact class) by TempoCoreAttention; returns the count."""
+    """Replace every stock DotProductAttention (exact class) by TempoCoreAttention; returns the count.
+    swap_model checks first that the path can serve the model (_check_attention_path)."""
     try:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
     except ImportError:
         return 0
-    _check_attention_path(model, path)
     count = 0
     for _, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder
 
-# csrc/ sits beside the package in a source checkout; an installed wheel ships it inside the package.
-_PKG = Path(__file__).resolve().parent.parent
-CSRC = next((p for p in (_PKG.parent / "csrc", _PKG / "csrc") if p.is_dir()), _PKG.parent / "csrc")
+from .._shipped import shipped_dir
+
+CSRC = shipped_dir("csrc")
 
 
 def csrc_path(*parts):

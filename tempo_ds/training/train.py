@@ -22,15 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tempo_ds._shipped import shipped_dir
+
 logger = logging.getLogger("tempo_ds")
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# configs/ sits beside the package in a source checkout; an installed wheel ships it inside
-# (setup.py's build_py), as the op builders find csrc/.
-CONFIGS = next((d for d in (os.path.join(os.path.dirname(_PACKAGE), "configs"), os.path.join(_PACKAGE, "configs"))
-                if os.path.isdir(d)), os.path.join(os.path.dirname(_PACKAGE), "configs"))
-DEFAULT_CONFIGS = {"gpt2": os.path.join(CONFIGS, "ds_config_gpt2.json"),
-                   "bert": os.path.join(CONFIGS, "ds_config_bert.json")}
+CONFIGS = shipped_dir("configs")
+DEFAULT_CONFIGS = {"gpt2": str(CONFIGS / "ds_config_gpt2.json"), "bert": str(CONFIGS / "ds_config_bert.json")}
 DEFAULT_SIZES = {"gpt2": ("tiny", "124m"), "bert": ("tiny", "base")}  # (CPU, GPU)
 
 
