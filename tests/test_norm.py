@@ -177,6 +177,43 @@ def test_unrecoverable_features_rule():
     assert not unrecoverable_features(w, b, torch.float32)[2]
 
 
+def test_unrecoverable_features_rule_subnormal_outputs():
+    """|beta_j| is floored at the smallest normal number: in fp16 a gamma_j at or below
+    tiny / R = 2^-14 / 64 makes y_j subnormal, whose fixed spacing would cost x_hat_j more than
+    the rule allows, even with beta_j = 0. bf16 and fp32 share fp32's exponent range."""
+    floor = torch.finfo(torch.float16).tiny / recover_bound(torch.float16)
+    assert floor == 2.0 ** -20
+    w = torch.tensor([1.0, 1.01 * floor, floor, 1e-7, -1e-7])
+    expected = [False, False, True, True, True]
+    assert unrecoverable_features(w, None, torch.float16).tolist() == expected
+    assert unrecoverable_features(w, torch.zeros(5), torch.float16).tolist() == expected
+    for dtype in (torch.bfloat16, torch.float32):
+        assert not unrecoverable_features(w, torch.zeros(5), dtype).any()
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_gamma_with_subnormal_outputs_falls_back(op, monkeypatch):
+    """fp16, beta = 0, one gamma_j = 1e-7: y_j is subnormal. The call falls back to PyTorch and
+    stays within twice its error. On the kernel path (recover_check=False) the error of dgamma_j
+    is many times PyTorch's (CPU build, 2026-11-27: LayerNorm 0.198 against 2.6e-3, RMSNorm 0.742
+    against 6.7e-4), which shows that the check is what keeps the error down."""
+    monkeypatch.setattr(norm_ops, "_warned_ops", set())
+    x, w, b, dy = _make((64,), 256, torch.float16)
+    w[:] = 1
+    w[0] = 1e-7
+    b = torch.zeros_like(w) if op == "layer_norm" else None
+    with pytest.warns(RuntimeWarning, match="smallest normal"):
+        _compare(op, x, w, b, dy)
+    ref = _run(_stock(op), x, w, b, dy, cast=torch.float64)
+    stock = _run(_stock(op), x, w, b, dy)
+    unchecked = {"layer_norm": lambda x, w, b, eps: layer_norm(x, w, b, eps, recover_check=False),
+                 "rms_norm": lambda x, w, b, eps: rms_norm(x, w, eps, recover_check=False)}[op]
+    kernel = _run(unchecked, x, w, b, dy)
+    kernel_err = (kernel[2][0].double() - ref[2][0]).abs().item()
+    stock_err = (stock[2][0].double() - ref[2][0]).abs().item()
+    assert kernel_err > 20 * stock_err
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_zero_gamma_falls_back_to_stock(op, dtype, poison, monkeypatch):

@@ -108,7 +108,7 @@ class TempoRMSNorm(nn.Module):
     """Drop-in for torch.nn.RMSNorm over the last dimension that saves its output y and one fp32
     rstd per row for backward. eps=None means torch's default (machine epsilon of the math type).
 
-    Attribute `recover_check` as in TempoLayerNorm (the rule is gamma_j == 0).
+    Attribute `recover_check` as in TempoLayerNorm (the rule with beta_j = 0: |gamma_j| * R <= tiny).
     """
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *,

@@ -6,8 +6,9 @@ and a mean and an rstd per row; stock RMSNorm on CPU saves fp32 copies of x and 
 
 The backward computes x_hat = (y - beta) / gamma element by element inside the kernel. That is
 only possible where gamma_j carries x_hat_j through the rounding of y_j: feature j is
-*unrecoverable* when gamma_j == 0 or |gamma_j| * R <= |beta_j|, R = 1 / (16 * eps(y.dtype))
-(RMSNorm: gamma_j == 0). Before a forward that will need a backward, the op checks this on the
+*unrecoverable* when |gamma_j| * R <= max(|beta_j|, tiny), R = 1 / (16 * eps(y.dtype)) and tiny
+the smallest normal number of y.dtype (below it y_j is subnormal and keeps fewer bits; RMSNorm
+has beta_j = 0). Before a forward that will need a backward, the op checks this on the
 host; if any feature is unrecoverable, that call keeps the input instead and runs PyTorch's
 native op (exact, stock memory), with a one-time warning.
 
@@ -43,6 +44,16 @@ def recover_bound(dtype):
     return 1.0 / (RECOVER_MARGIN * torch.finfo(dtype).eps)
 
 
+def recover_floor(dtype):
+    """The floor under |beta_j| in the recoverability rule: the smallest normal number of `dtype`.
+
+    Subnormal outputs are spaced tiny * eps apart whatever their size, so with beta_j = 0 a
+    gamma_j below tiny / R gives y_j values whose rounding costs x_hat_j more than the rule's
+    1/16 (fp16: |gamma_j| <= 9.5e-7; bf16 and fp32 only for subnormal gamma_j).
+    """
+    return torch.finfo(dtype).tiny
+
+
 def unrecoverable_features(weight, bias, dtype):
     """Bool mask [N] of the features whose x_hat cannot be recovered from an output of `dtype`.
 
@@ -52,10 +63,10 @@ def unrecoverable_features(weight, bias, dtype):
     ref = weight if weight is not None else bias
     acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
     gamma = weight.detach().to(acc).abs() if weight is not None else torch.ones_like(bias, dtype=acc)
-    bad = gamma == 0
-    if bias is not None:
-        bad |= gamma * recover_bound(dtype) <= bias.detach().to(acc).abs()
-    return bad
+    floor = recover_floor(dtype)
+    beta = bias.detach().to(acc).abs().clamp(min=floor) if bias is not None else floor
+    # gamma == 0 is caught here too (0 <= floor); NaN compares False
+    return gamma * recover_bound(dtype) <= beta
 
 
 # Attribute of gamma (or of beta when there is no gamma) holding (state, mask of unrecoverable
@@ -162,7 +173,7 @@ def _needs_backward(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _warn_fallback(owner, op, mask):
+def _warn_fallback(owner, op, mask, dtype):
     """Warn once per module (owner) or once per process for the functional op (owner None)."""
     if owner is not None:
         if getattr(owner, "_tempo_fallback_warned", False):
@@ -173,10 +184,12 @@ def _warn_fallback(owner, op, mask):
             return
         _warned_ops.add(op)
     count = int(mask.sum())
+    scope = "module" if owner is not None else "op"
     warnings.warn(
-        f"tempo_ds {op}: {count} feature(s) have gamma zero or too small against beta to recover "
-        "the input from the output; this call keeps the input (stock PyTorch memory and math). "
-        "Further fallbacks of this " + ("module" if owner is not None else "op") + " are silent.",
+        f"tempo_ds {op}: {count} feature(s) have gamma zero or too small (against beta, or "
+        f"against the smallest normal {dtype}) to recover the input from the output; this call "
+        f"keeps the input (stock PyTorch memory and math). Further fallbacks of this {scope} are "
+        "silent.",
         RuntimeWarning, stacklevel=4)
 
 
@@ -198,7 +211,7 @@ def layer_norm_impl(x, weight, bias, eps, recover_check, owner=None):
     if recover_check and (weight is not None or bias is not None) and _needs_backward(x, weight, bias):
         bad = checked_unrecoverable(weight, bias, x.dtype)
         if bad is not None:
-            _warn_fallback(owner, "layer_norm", bad)
+            _warn_fallback(owner, "layer_norm", bad, x.dtype)
             return _native(lambda t, w, b: F.layer_norm(t, (features,), w, b, eps), x, (weight, bias))
     return LayerNormFunction.apply(x, weight, bias, float(eps))
 
@@ -214,7 +227,7 @@ def rms_norm_impl(x, weight, eps, recover_check, owner=None):
     if recover_check and weight is not None and _needs_backward(x, weight):
         bad = checked_unrecoverable(weight, None, x.dtype)
         if bad is not None:
-            _warn_fallback(owner, "rms_norm", bad)
+            _warn_fallback(owner, "rms_norm", bad, x.dtype)
             return _native(lambda t, w: F.rms_norm(t, (features,), w, eps), x, (weight,))
     return RMSNormFunction.apply(x, weight, eps)
 
@@ -246,7 +259,7 @@ def rms_norm(x, weight=None, eps=None, recover_check=True):
         weight: gamma, shape [N], or None; x's dtype or float32 next to 16-bit x.
         eps: added to mean(x^2); None means torch.nn.RMSNorm's default, the machine epsilon of
             the math type (float32 for 16-bit x).
-        recover_check: as in layer_norm (the rule is gamma_j == 0).
+        recover_check: as in layer_norm (the rule with beta_j = 0: |gamma_j| * R <= tiny).
 
     Saves for backward: the output y and one rstd per row (fp32; fp64 for fp64 x).
     """

@@ -26,8 +26,9 @@ struct norm_acc_type { using type = float; };
 template <>
 struct norm_acc_type<double> { using type = double; };
 
-// Feature j is recoverable from y when |gamma_j| * R > |beta_j|, R = 1 / (kNormRecoverMargin *
-// eps(output dtype)): the rounding of y_j then costs x_hat_j at most 1/16 of an absolute unit.
+// Feature j is recoverable from y when |gamma_j| * R > max(|beta_j|, tiny), R = 1 /
+// (kNormRecoverMargin * eps(output dtype)), tiny = its smallest normal number: the rounding of
+// y_j, normal or subnormal, then costs x_hat_j at most 1/16 of an absolute unit.
 constexpr double kNormRecoverMargin = 16.0;
 
 template <typename T>
