@@ -163,7 +163,7 @@ def test_cpu_build_refuses_tensors_of_another_device(entry):
     assert _backend.is_compiled(kernels)
     with pytest.raises(RuntimeError, match="CPU"):
         call(kernels)
-    assert {n for n in dir(kernels) if not n.startswith("_") and n != "set_poison"} <= set(CPU_ENTRY_POINTS)
+    assert {n for n in dir(kernels) if not n.startswith("_")} - {"set_poison", "source_digest"} <= set(CPU_ENTRY_POINTS)
 
 
 def test_cpu_bias_dropout_add_refuses_a_residual_or_bias_elsewhere():
@@ -192,3 +192,85 @@ def test_wheel_ships_the_op_sources_and_configs(tmp_path):
                for top in ("csrc", "configs") for d, _, files in os.walk(os.path.join(root, top)) for f in files
                if "__pycache__" not in d}
     assert sources and {f"tempo_ds/{s}" for s in sources} <= names
+
+
+@pytest.mark.parametrize("cls", CPU_BUILDERS + CUDA_BUILDERS, ids=lambda c: c.NAME)
+def test_every_build_carries_the_digest_of_its_sources(cls, monkeypatch):
+    """The prebuild (setup.py's extension) and the JIT build both compile the digest in."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
+    builder = cls()
+    flag = f"-DTEMPO_SOURCE_DIGEST=0x{builder.source_digest():016x}ULL"
+    if cls in CUDA_BUILDERS and torch.version.cuda is None:
+        pytest.skip("CPU-only torch build cannot describe a CUDA extension")
+    compile_args = builder.builder().extra_compile_args
+    assert all(flag in args for args in compile_args.values()), compile_args
+    if cls in CPU_BUILDERS:
+        assert builder.load().source_digest == builder.source_digest()
+
+
+def _csrc_copy(tmp_path, monkeypatch):
+    """A copy of csrc/ that the builders read instead of the real one."""
+    import shutil
+
+    from tempo_ds.op_builder import builder as builder_module
+    copy = tmp_path / "csrc"
+    shutil.copytree(builder_module.CSRC, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(builder_module, "CSRC", copy)
+    return copy
+
+
+def test_source_digest_follows_every_file_the_build_reads(tmp_path, monkeypatch):
+    core, dropout = FAMILIES["core"][0](), FAMILIES["dropout"][0]()
+    csrc = _csrc_copy(tmp_path, monkeypatch)
+    digests = core.source_digest(), dropout.source_digest()
+    assert digests[0] != digests[1]
+    # a shared header, a header beside the norm sources, a source: each changes the core digest
+    for edited in ("includes/tempo/common.h", "norm/norm_host.h", "gelu/gelu_cpu.cpp"):
+        path = csrc / edited
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n")
+        assert core.source_digest() != digests[0], edited
+        path.write_bytes(original)
+    assert core.source_digest() == digests[0]
+    # another family's source leaves it alone
+    (csrc / "dropout" / "dropout_cpu.cpp").write_bytes(b"// edited\n")
+    assert core.source_digest() == digests[0] and dropout.source_digest() != digests[1]
+
+
+def test_stale_prebuilt_module_is_set_aside(tmp_path, monkeypatch):
+    """A prebuilt module is used while csrc/ holds the sources it was built from; after an edit
+    it is stale: prebuilt() warns once and returns None, so load() JIT-builds, and
+    "tempo.build": "prebuilt" is refused."""
+    import shutil
+    import sys
+
+    from tempo_ds.deepspeed.apply import prepare_ops
+    from tempo_ds.deepspeed.config import TempoConfig
+    from tempo_ds.op_builder.builder import TempoBuilderMixin
+
+    cls = FAMILIES["dropout"][0]
+    # the JIT build stands in for a prebuilt one: same flags, importable under the op's name
+    (tmp_path / "prebuilt").mkdir()
+    shutil.copy(cls().load().__file__, tmp_path / "prebuilt" / f"{cls.NAME}.so")
+    monkeypatch.syspath_prepend(str(tmp_path / "prebuilt"))
+    monkeypatch.setattr(cls, "absolute_name", lambda self: cls.NAME)
+    monkeypatch.setattr(TempoBuilderMixin, "_stale_warned", set())
+    monkeypatch.delitem(sys.modules, cls.NAME, raising=False)
+    try:
+        builder = cls()
+        prebuilt = builder.prebuilt()
+        assert prebuilt is not None and prebuilt.__spec__.origin.startswith(str(tmp_path))
+        csrc = _csrc_copy(tmp_path, monkeypatch)
+        (csrc / "includes" / "tempo" / "philox.h").write_bytes(b"// edited after the install\n")
+        with pytest.warns(RuntimeWarning, match=f"prebuilt {cls.NAME} .* was built from other sources"):
+            assert builder.prebuilt() is None
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert builder.prebuilt() is None  # once
+        core_cls = FAMILIES["core"][0]
+        monkeypatch.setattr(core_cls, "prebuilt", lambda self: object())  # only dropout is missing
+        with pytest.raises(RuntimeError, match=f"op {cls.NAME} is not prebuilt, or its prebuilt"):
+            prepare_ops(TempoConfig(build="prebuilt"), "cpu")
+    finally:
+        sys.modules.pop(cls.NAME, None)

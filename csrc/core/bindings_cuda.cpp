@@ -1,8 +1,9 @@
 // Python binding of the core op family, CUDA build.
+#include "tempo/binding.h"
 #include "tempo/core_ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("set_poison", [](bool on) { tempo::poison_outputs() = on; }, "Fill fresh outputs with NaN (tests)");
+    tempo::bind_common(m);
     m.def("gelu_fwd", &tempo::cuda::gelu_fwd, "In-place GELU forward: (y, packed branch bits)");
     m.def("gelu_bwd", &tempo::cuda::gelu_bwd, "In-place GELU backward from (dy, y, bits)");
     m.def("gelu_bwd_table", &tempo::cuda::gelu_bwd_table, "In-place GELU backward of fp16/bf16 y from a derivative table");

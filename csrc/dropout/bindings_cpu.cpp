@@ -1,8 +1,9 @@
 // Python binding of the dropout op family, CPU build.
+#include "tempo/binding.h"
 #include "tempo/dropout_ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("set_poison", [](bool on) { tempo::poison_outputs() = on; }, "Fill fresh outputs with NaN (tests)");
+    tempo::bind_common(m);
     m.def("dropout_fwd", &tempo::cpu::dropout_fwd, "Seeded dropout; with the same seed also its backward");
     m.def("dropout_mask", &tempo::cpu::dropout_mask, "The keep mask of a seed (debugging)");
     m.def("dropout_mask_block", &tempo::cpu::dropout_mask_block, "The keep mask of a strided block of a tensor");

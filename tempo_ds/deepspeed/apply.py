@@ -192,7 +192,8 @@ def prepare_ops(config, device_type):
         builder = builders[index]()
         if config.build == "prebuilt" and builder.prebuilt() is None:
             raise RuntimeError(
-                f'"tempo.build": "prebuilt" but op {builder.NAME} is not prebuilt; install with '
+                f'"tempo.build": "prebuilt" but op {builder.NAME} is not prebuilt, or its prebuilt '
+                f'module was built from other sources than csrc/ holds now; install with '
                 f'TEMPO_BUILD_OPS=1 pip install . or set "tempo.build": "jit"')
         builder.load(verbose=False)
         loaded.append(builder.NAME)

@@ -6,12 +6,17 @@ Each op family has two builders, one per device, like DeepSpeed's own `op_builde
 `csrc/includes/tempo/*.h` math, so the CPU build exercises the GPU math.
 
 `load()` first imports a prebuilt module (`pip install` with `TEMPO_BUILD_OPS=1`, see setup.py),
-then JIT-builds with ninja into `$TORCH_EXTENSIONS_DIR/<NAME>` and caches the result.
+then JIT-builds with ninja into `$TORCH_EXTENSIONS_DIR/<NAME>` and caches the result. Every build
+carries the digest of the sources it was compiled from (`source_digest`); a prebuilt module whose
+digest differs from the sources in csrc/ now (an edit or `git pull` after the install) is stale:
+it is set aside with a warning and the op is JIT-built from the current sources instead.
 """
+import hashlib
 import importlib
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder
@@ -67,6 +72,7 @@ class TempoBuilderMixin:
 
     NAME = None
     _tempo_loaded = {}
+    _stale_warned = set()
 
     def __init__(self):
         super().__init__(name=self.NAME)
@@ -77,12 +83,50 @@ class TempoBuilderMixin:
     def include_paths(self):
         return [csrc_path("includes")]
 
-    def prebuilt(self):
-        """The module installed by `TEMPO_BUILD_OPS=1 pip install .`, or None."""
+    def source_files(self):
+        """Every file the build reads from csrc/: the sources, the shared headers under
+        csrc/includes, and the headers beside the sources."""
+        files = {Path(s) for s in self.sources()}
+        files |= {p for p in CSRC.joinpath("includes").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        for folder in {Path(s).parent for s in self.sources()}:
+            files |= {p for p in folder.iterdir() if p.suffix in (".h", ".cuh", ".hpp")}
+        return sorted(files)
+
+    def source_digest(self):
+        """64 bits of the SHA-256 of source_files() (paths relative to csrc/ and contents), or
+        None when the sources are not there to read. Compiled into every build (binding.h)."""
+        digest = hashlib.sha256()
         try:
-            return importlib.import_module(self.absolute_name())
+            for path in self.source_files():
+                digest.update(path.relative_to(CSRC).as_posix().encode() + b"\0")
+                digest.update(path.read_bytes() + b"\0")
+        except OSError:
+            return None
+        return int.from_bytes(digest.digest()[:8], "big")
+
+    def digest_flags(self):
+        digest = self.source_digest()
+        return [] if digest is None else [f"-DTEMPO_SOURCE_DIGEST=0x{digest:016x}ULL"]
+
+    def prebuilt(self):
+        """The module installed by `TEMPO_BUILD_OPS=1 pip install .`, or None, also when it is
+        stale: built from sources other than those in csrc/ now (warns once)."""
+        try:
+            module = importlib.import_module(self.absolute_name())
         except ImportError:
             return None
+        expected = self.source_digest()
+        built_from = getattr(module, "source_digest", None)
+        if expected is not None and built_from != expected:
+            if self.NAME not in TempoBuilderMixin._stale_warned:
+                TempoBuilderMixin._stale_warned.add(self.NAME)
+                warnings.warn(
+                    f"tempo_ds: the prebuilt {self.NAME} ({module.__file__}) was built from other "
+                    f"sources than {CSRC} holds now; it is not used, and the op is JIT-built "
+                    "from the current sources. Reinstall with TEMPO_BUILD_OPS=1 to prebuild it "
+                    "again.", RuntimeWarning, stacklevel=2)
+            return None
+        return module
 
     def is_built(self):
         """True when a prebuilt or JIT-cached build exists (nothing is compiled to find out)."""
@@ -109,7 +153,7 @@ class TempoCPUOpBuilder(TempoBuilderMixin, OpBuilder):
     """C++/OpenMP build of an op family (g++, no nvcc)."""
 
     def cxx_args(self):
-        return ["-O3", "-std=c++20", "-fopenmp", "-Wno-reorder"]
+        return ["-O3", "-std=c++20", "-fopenmp", "-Wno-reorder"] + self.digest_flags()
 
     def extra_ldflags(self):
         return ["-fopenmp"]
@@ -142,7 +186,7 @@ class TempoCUDAOpBuilder(TempoBuilderMixin, CUDAOpBuilder):
         return super().is_compatible(verbose)
 
     def cxx_args(self):
-        return ["-O3", "-std=c++20", "-Wno-reorder"]
+        return ["-O3", "-std=c++20", "-Wno-reorder"] + self.digest_flags()
 
     def nvcc_args(self):
         # No --use_fast_math: the GELU inversion needs accurate erfc/exp/log; norms keep fp32 stats.
@@ -151,7 +195,7 @@ class TempoCUDAOpBuilder(TempoBuilderMixin, CUDAOpBuilder):
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             f"--threads={min(os.cpu_count() or 1, 8)}",
-        ] + self.compute_capability_args()
+        ] + self.digest_flags() + self.compute_capability_args()
 
     def compute_capability_args(self, cross_compile_archs=None):
         """DeepSpeed's flags, also for arch-specific TORCH_CUDA_ARCH_LIST entries ("9.0a").
