@@ -138,7 +138,8 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std:
                                  const std::optional<at::Tensor>& bias, double eps) {
     TORCH_CHECK(x.is_cpu(), op, ": tensors must be on the CPU");  // the parameters: on x's device
     norm_host::check_norm_args(op, x, weight, bias);
-    const int64_t M = x.size(0), N = x.size(1);
+    const norm_host::Rows rows = norm_host::rows_of(x);
+    const int64_t M = rows.M, N = rows.N;
     auto y = empty_output(x);
     const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto rstd = empty_output({M}, x.options().dtype(acc_dtype));
@@ -166,7 +167,8 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
     TORCH_CHECK(y.is_cpu(), op, ": tensors must be on the CPU");  // the others: on y's device
     norm_host::check_saved(op, dy, y, rstd);
     norm_host::check_norm_args(op, y, weight, bias);
-    const int64_t M = y.size(0), N = y.size(1);
+    const norm_host::Rows rows = norm_host::rows_of(y);
+    const int64_t M = rows.M, N = rows.N;
     auto dx = empty_output(y);
     auto dweight = norm_host::param_grad_like(weight);
     auto dbias = norm_host::param_grad_like(bias);

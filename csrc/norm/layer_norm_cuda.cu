@@ -489,7 +489,7 @@ constexpr int64_t row_capacity(const int (&choices)[K], int items) {
 // Rows held in registers: 16-bit or fp32 storage (fp64 rows stream), 16-byte vectors, and at most
 // `capacity` vectors per row.
 bool rows_cached(const at::Tensor& t, bool vectorised, int64_t capacity) {
-    return vectorised && t.scalar_type() != at::kDouble && t.size(1) / vec_width(t) <= capacity;
+    return vectorised && t.scalar_type() != at::kDouble && t.size(-1) / vec_width(t) <= capacity;
 }
 
 // Row chunks of the parameter-gradient partials; the bounds depend on the row count only.
@@ -540,7 +540,8 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std:
     check_cuda(op, x);
     norm_host::check_norm_args(op, x, weight, bias);
     const c10::cuda::CUDAGuard guard(x.device());
-    const int64_t M = x.size(0), N = x.size(1);
+    const norm_host::Rows rows = norm_host::rows_of(x);
+    const int64_t M = rows.M, N = rows.N;
     auto y = empty_output(x);
     const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     auto rstd = empty_output({M}, x.options().dtype(acc_dtype));
@@ -586,7 +587,8 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
     norm_host::check_saved(op, dy, y, rstd);
     norm_host::check_norm_args(op, y, weight, bias);
     const c10::cuda::CUDAGuard guard(y.device());
-    const int64_t M = y.size(0), N = y.size(1);
+    const norm_host::Rows rows = norm_host::rows_of(y);
+    const int64_t M = rows.M, N = rows.N;
     auto dx = empty_output(y);
     auto dweight = norm_host::param_grad_like(weight);
     auto dbias = norm_host::param_grad_like(bias);

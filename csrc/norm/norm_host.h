@@ -14,6 +14,17 @@ namespace norm_host {
 
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// A contiguous [..., N] tensor read as M = numel / N rows of N features. Outputs are allocated
+// with the input's shape, so the Python layer returns them without a view.
+struct Rows {
+    int64_t M, N;
+};
+
+inline Rows rows_of(const at::Tensor& t) {
+    const int64_t N = t.size(-1);
+    return {N > 0 ? t.numel() / N : 0, N};
+}
+
 // The dtype of gamma / beta: either the storage dtype of x, or fp32 next to 16-bit x (mixed
 // precision, the layout of Megatron's fp32 residual-free norms and of apex's mixed LayerNorm).
 inline at::ScalarType param_dtype(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -26,18 +37,18 @@ inline at::ScalarType param_dtype(const at::Tensor& x, const std::optional<at::T
 inline void check_param(const char* op, const char* name, const std::optional<at::Tensor>& p,
                         const at::Tensor& x, at::ScalarType dtype) {
     if (!present(p)) return;
-    TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), op, ": ", name, " must have shape [",
-                x.size(1), "] (the last dimension of x), got ", p->sizes());
+    TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(-1), op, ": ", name, " must have shape [",
+                x.size(-1), "] (the last dimension of x), got ", p->sizes());
     TORCH_CHECK(p->is_contiguous(), op, ": ", name, " must be contiguous");
     TORCH_CHECK(p->device() == x.device(), op, ": ", name, " is on ", p->device(), ", x on ", x.device());
     TORCH_CHECK(p->scalar_type() == dtype, op, ": ", name, " has dtype ", p->scalar_type(), ", expected ", dtype);
 }
 
-// x: [M, N] contiguous; weight, bias: [N] of one dtype, equal to x's or fp32 next to 16-bit x.
+// x: [..., N] contiguous; weight, bias: [N] of one dtype, equal to x's or fp32 next to 16-bit x.
 inline void check_norm_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias) {
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous [rows, features] tensor");
-    TORCH_CHECK(x.size(1) > 0, op, ": x must have at least one feature");
+    TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), op, ": x must be a contiguous [..., features] tensor");
+    TORCH_CHECK(x.size(-1) > 0, op, ": x must have at least one feature");
     const at::ScalarType dtype = param_dtype(x, weight, bias);
     const bool mixed = dtype == at::kFloat &&
                        (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
@@ -48,11 +59,11 @@ inline void check_norm_args(const char* op, const at::Tensor& x, const std::opti
 }
 
 inline void check_saved(const char* op, const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd) {
-    TORCH_CHECK(y.dim() == 2 && y.is_contiguous(), op, ": y must be a contiguous [rows, features] tensor");
+    TORCH_CHECK(y.dim() >= 1 && y.is_contiguous(), op, ": y must be a contiguous [..., features] tensor");
     TORCH_CHECK(dy.sizes() == y.sizes() && dy.is_contiguous() && dy.scalar_type() == y.scalar_type(), op,
                 ": dy must be contiguous with the shape and dtype of y");
-    TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == y.size(0) && rstd.is_contiguous(), op,
-                ": rstd must be a contiguous [rows] tensor");
+    TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == rows_of(y).M && rstd.is_contiguous(), op,
+                ": rstd must be a contiguous [rows] tensor (rows = y.numel() / y.size(-1))");
     TORCH_CHECK(dy.device() == y.device() && rstd.device() == y.device(), op,
                 ": dy and rstd must be on y's device (", y.device(), ")");
     const at::ScalarType acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -52,13 +52,16 @@ class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
         probs, dropped = kernels.softmax_dropout_fwd(scores3, mask, causal, scale, seed, p, keep_fp32)
         if p > 0.0:
             report_mask("softmax_dropout_matmul", kernels, seed, scores.shape, p)
-        # GQA: a group's heads share one v, so [b, g, r*sq, sk] @ [b, g, sk, hn] needs no repeat
-        out = torch.matmul(_grouped(dropped.view(b, heads, sq, sk), groups, heads // groups * sq), v)
+        # GQA: a group's heads share one v, so [b, g, r*sq, sk] @ [b, g, sk, hn] needs no repeat.
+        # The product is written into out, [b, heads, sq, hn], which is returned as is, not as a view.
+        rows = heads // groups * sq
+        out = torch.empty(b, heads, sq, v.shape[-1], dtype=v.dtype, device=v.device)
+        torch.matmul(_grouped(dropped.view(b, heads, sq, sk), groups, rows), v, out=_grouped(out, groups, rows))
         ctx.shape = (b, heads, sq, sk)
         ctx.p, ctx.scale, ctx.causal = p, scale, causal
         ctx.has_mask = mask is not None
         ctx.save_for_backward(probs, v, seed, *([mask] if mask is not None else []))
-        return out.view(b, heads, sq, v.shape[-1])
+        return out
 
     @staticmethod
     def _backward(ctx, grad_out):

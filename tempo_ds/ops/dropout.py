@@ -75,7 +75,7 @@ def report_mask(op_name, kernels, seed, shape, p):
 def _apply_mask(kernels, t, seed, p):
     """t * keep / (1 - p) with the mask of `seed`: dropout's forward, and the backward of every
     op here, whose gradient is the same mask and scale applied to the incoming gradient."""
-    return kernels.dropout_fwd(t.contiguous().view(-1), seed, p).view(t.shape)
+    return kernels.dropout_fwd(t.contiguous(), seed, p)  # t's shape, not a view
 
 
 class DropoutFunction(torch.autograd.Function):
@@ -107,8 +107,8 @@ class BiasDropoutAddFunction(torch.autograd.Function):
         kernels = _backend.ops("dropout", x.device)
         seed = draw_seed(x.device)
         flat_bias = bias.contiguous().view(-1) if bias is not None else None
-        out = kernels.bias_dropout_add_fwd(x.contiguous().view(-1), flat_bias, residual.contiguous().view(-1),
-                                           seed, p).view(x.shape)
+        # x's shape, not a view
+        out = kernels.bias_dropout_add_fwd(x.contiguous(), flat_bias, residual.contiguous(), seed, p)
         ctx.p = p
         ctx.bias_shape = bias.shape if bias is not None else None
         ctx.save_for_backward(seed)

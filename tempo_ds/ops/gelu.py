@@ -53,8 +53,8 @@ class GeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tanh_form, use_table=True):
         kernels = _backend.ops("core", x.device)
-        y, bits = kernels.gelu_fwd(x.contiguous().view(-1), tanh_form)
-        y = y.view(x.shape)
+        # y has x's shape (the kernels run over numel): returned as is, not as a view
+        y, bits = kernels.gelu_fwd(x.contiguous(), tanh_form)
         ctx.tanh_form = tanh_form
         ctx.use_table = use_table and x.dtype in TABLE_DTYPES
         ctx.save_for_backward(y, bits)
@@ -65,13 +65,13 @@ class GeluFunction(torch.autograd.Function):
     def backward(ctx, dy):
         y, bits = ctx.saved_tensors
         kernels = _backend.ops("core", y.device)
-        dy = dy.contiguous().view(-1)
+        dy = dy.contiguous()
         if ctx.use_table:
             table = derivative_table(y.dtype, ctx.tanh_form, y.device)
-            dx = kernels.gelu_bwd_table(dy, y.view(-1), bits, table)
+            dx = kernels.gelu_bwd_table(dy, y, bits, table)
         else:
-            dx = kernels.gelu_bwd(dy, y.view(-1), bits, ctx.tanh_form)
-        return dx.view(y.shape), None, None
+            dx = kernels.gelu_bwd(dy, y, bits, ctx.tanh_form)
+        return dx, None, None
 
 
 def gelu(x, approximate="none"):

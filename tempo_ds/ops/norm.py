@@ -127,10 +127,9 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         kernels = _backend.ops("core", x.device)
-        features = x.shape[-1]
         weight, bias = _contiguous(weight), _contiguous(bias)
-        y, rstd = kernels.layer_norm_fwd(x.contiguous().view(-1, features), weight, bias, eps)
-        y = y.view(x.shape)
+        # y has x's shape (the kernels read [..., N] as rows): returned as is, not as a view
+        y, rstd = kernels.layer_norm_fwd(x.contiguous(), weight, bias, eps)
         ctx.save_for_backward(y, rstd, weight, bias)
         return y
 
@@ -139,10 +138,8 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         y, rstd, weight, bias = ctx.saved_tensors
         kernels = _backend.ops("core", y.device)
-        features = y.shape[-1]
-        dx, dweight, dbias = kernels.layer_norm_bwd(
-            dy.contiguous().view(-1, features), y.view(-1, features), rstd, weight, bias)
-        return dx.view(y.shape), dweight, dbias, None
+        dx, dweight, dbias = kernels.layer_norm_bwd(dy.contiguous(), y, rstd, weight, bias)
+        return dx, dweight, dbias, None
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -151,10 +148,8 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         kernels = _backend.ops("core", x.device)
-        features = x.shape[-1]
         weight = _contiguous(weight)
-        y, rstd = kernels.rms_norm_fwd(x.contiguous().view(-1, features), weight, eps)
-        y = y.view(x.shape)
+        y, rstd = kernels.rms_norm_fwd(x.contiguous(), weight, eps)
         ctx.save_for_backward(y, rstd, weight)
         return y
 
@@ -163,10 +158,8 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         y, rstd, weight = ctx.saved_tensors
         kernels = _backend.ops("core", y.device)
-        features = y.shape[-1]
-        dx, dweight = kernels.rms_norm_bwd(dy.contiguous().view(-1, features), y.view(-1, features), rstd,
-                                           weight)
-        return dx.view(y.shape), dweight, None
+        dx, dweight = kernels.rms_norm_bwd(dy.contiguous(), y, rstd, weight)
+        return dx, dweight, None
 
 
 def _needs_backward(*tensors):

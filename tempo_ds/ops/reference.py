@@ -118,7 +118,8 @@ def gelu_bwd_table(dy, y, bits, table):
 
 # -- LayerNorm / RMSNorm ---------------------------------------------------------------------
 # Statements of tempo/norm.h: the forward keeps y and rstd; the backward recovers
-# x_hat = (y - beta) / gamma. Inputs are [M, N]; weight / bias are [N] or None.
+# x_hat = (y - beta) / gamma. Inputs are [..., N], read as M rows; weight / bias are [N] or None;
+# rstd is [M]. Outputs have the inputs' shape.
 
 def _norm_acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -148,9 +149,10 @@ def _norm_bwd(dy, y, rstd, weight, bias, centred):
         xhat = xhat / weight.to(acc)
         g = dya * weight.to(acc)
     mean_g = g.mean(-1, keepdim=True) if centred else 0
-    dx = rstd.unsqueeze(-1) * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
-    dweight = None if weight is None else (dya * xhat).sum(0).to(weight.dtype)
-    dbias = None if bias is None else dya.sum(0).to(bias.dtype)
+    dx = rstd.view(*y.shape[:-1], 1) * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
+    features = y.shape[-1]
+    dweight = None if weight is None else (dya * xhat).reshape(-1, features).sum(0).to(weight.dtype)
+    dbias = None if bias is None else dya.reshape(-1, features).sum(0).to(bias.dtype)
     return [dx.to(y.dtype), dweight, dbias]
 
 

@@ -86,9 +86,9 @@ def dropout_mask_block(seed, p, offset, outer, outer_stride, rows, row_stride, c
 
 def bias_dropout_add_fwd(x, bias, residual, seed, p):
     acc = _acc(x.dtype)
-    v = x.to(acc).view(-1, bias.numel()) + bias.to(acc) if bias is not None else x.to(acc)
-    out = residual.to(acc).view(-1) + v.reshape(-1) * _keep_scale(seed, x.numel(), p, acc, x.device)
-    return out.to(x.dtype).view(x.shape)
+    v = (x.to(acc).view(-1, bias.numel()) + bias.to(acc)).view(x.shape) if bias is not None else x.to(acc)
+    keep = _keep_scale(seed, x.numel(), p, acc, x.device).view(x.shape)
+    return (residual.to(acc).view(x.shape) + v * keep).to(x.dtype)  # x's shape, not a view
 
 
 def mask_of(mask, causal, shape, device):
