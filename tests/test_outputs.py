@@ -39,12 +39,15 @@ KEEP_THE_OUTPUT = {
 }
 
 
-def _leaves(names):
-    return {k: v.float().requires_grad_(k in names) for k, v in _inputs().items()}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def _grads(call, names, edit, seed=1):
-    leaves = _leaves(names)
+def _leaves(names, device):
+    return {k: v.float().to(device).requires_grad_(k in names) for k, v in _inputs().items()}
+
+
+def _grads(call, names, edit, device, seed=1):
+    leaves = _leaves(names, device)
     torch.manual_seed(seed)  # the same dropout draws in both runs
     y = call(leaves)
     assert y._base is None, "the op returned a view"
@@ -56,25 +59,27 @@ def _grads(call, names, edit, seed=1):
     return [leaves[n].grad for n in names]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["built", "torch"])
 @pytest.mark.parametrize("name", sorted(KEEP_A_SEED))
-def test_in_place_on_an_output_that_is_not_saved(name, mode, monkeypatch):
+def test_in_place_on_an_output_that_is_not_saved(name, mode, device, monkeypatch):
     monkeypatch.setenv("TEMPO_DS_OPS", mode)
     call, names = KEEP_A_SEED[name]
-    edited, plain = _grads(call, names, edit=True), _grads(call, names, edit=False)
+    edited, plain = _grads(call, names, True, device), _grads(call, names, False, device)
     for n, a, b in zip(names, edited, plain):
         assert a is not None and a.abs().sum() > 0, n
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["built", "torch"])
 @pytest.mark.parametrize("name", sorted(KEEP_THE_OUTPUT))
-def test_in_place_on_a_saved_output_raises_in_backward(name, mode, monkeypatch):
+def test_in_place_on_a_saved_output_raises_in_backward(name, mode, device, monkeypatch):
     monkeypatch.setenv("TEMPO_DS_OPS", mode)
     call, names = KEEP_THE_OUTPUT[name]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        _grads(call, names, edit=True)
+        _grads(call, names, True, device)
     with torch.no_grad():
-        y = call(_leaves(names))
+        y = call(_leaves(names, device))
         assert y._base is None
         y.mul_(3)  # inference: nothing is saved, the edit is legal
