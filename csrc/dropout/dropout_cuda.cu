@@ -137,20 +137,8 @@ at::Tensor dropout_mask_block(const at::Tensor& seed, double p, int64_t offset, 
 
 at::Tensor bias_dropout_add_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& residual, const at::Tensor& seed, double p) {
-    TORCH_CHECK(x.is_cuda() && x.is_contiguous() && residual.is_contiguous(),
-                "bias_dropout_add_fwd: x and residual must be contiguous CUDA tensors");
-    TORCH_CHECK(residual.numel() == x.numel() && residual.scalar_type() == x.scalar_type() &&
-                    residual.device() == x.device(),
-                "bias_dropout_add_fwd: residual must match x in size, dtype and device");
-    detail::check_seed(seed, x, "bias_dropout_add_fwd");
-    detail::check_p(p, "bias_dropout_add_fwd");
-    int64_t h = 1;
-    if (bias.has_value()) {
-        TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type() && bias->numel() > 0 &&
-                        x.numel() % bias->numel() == 0 && bias->device() == x.device(),
-                    "bias_dropout_add_fwd: bias must be contiguous, of x's dtype and device, and divide x's size");
-        h = bias->numel();
-    }
+    TORCH_CHECK(x.is_cuda(), "bias_dropout_add_fwd: x must be a CUDA tensor");  // the others: on x's device
+    const int64_t h = detail::check_bias_dropout_add(x, bias, residual, seed, p);
     const c10::cuda::CUDAGuard guard(x.device());
     auto out = empty_output(x);
     const int64_t n = x.numel();

@@ -206,26 +206,7 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
 
 }  // namespace
 
-std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                       const std::optional<at::Tensor>& bias, double eps) {
-    return norm_fwd<false>("layer_norm_fwd", x, weight, bias, eps);
-}
-
-std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd,
-                                       const std::optional<at::Tensor>& weight,
-                                       const std::optional<at::Tensor>& bias) {
-    return norm_bwd<false>("layer_norm_bwd", dy, y, rstd, weight, bias);
-}
-
-std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
-    return norm_fwd<true>("rms_norm_fwd", x, weight, std::nullopt, eps);
-}
-
-std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd,
-                                     const std::optional<at::Tensor>& weight) {
-    auto grads = norm_bwd<true>("rms_norm_bwd", dy, y, rstd, weight, std::nullopt);
-    return {grads[0], grads[1]};
-}
+TEMPO_NORM_DEFINE_ENTRY_POINTS()
 
 }  // namespace cpu
 }  // namespace tempo

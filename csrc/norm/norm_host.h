@@ -8,6 +8,7 @@
 #include "tempo/alloc.h"
 
 #include <optional>
+#include <vector>
 
 namespace tempo {
 namespace norm_host {
@@ -83,3 +84,26 @@ inline at::Tensor param_grad_like(const std::optional<at::Tensor>& p) {
 
 }  // namespace norm_host
 }  // namespace tempo
+
+// The four norm entry points of tempo/core_ops.h, defined in a build's namespace (tempo::cpu,
+// tempo::cuda) over that build's norm_fwd<kRms> and norm_bwd<kRms> (kRms: RMSNorm, no centring,
+// no beta). Both builds expose the same functions with the same argument names in their errors.
+#define TEMPO_NORM_DEFINE_ENTRY_POINTS()                                                                   \
+    std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,   \
+                                           const std::optional<at::Tensor>& bias, double eps) {            \
+        return norm_fwd<false>("layer_norm_fwd", x, weight, bias, eps);                                    \
+    }                                                                                                      \
+    std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd, \
+                                           const std::optional<at::Tensor>& weight,                        \
+                                           const std::optional<at::Tensor>& bias) {                        \
+        return norm_bwd<false>("layer_norm_bwd", dy, y, rstd, weight, bias);                               \
+    }                                                                                                      \
+    std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,     \
+                                         double eps) {                                                     \
+        return norm_fwd<true>("rms_norm_fwd", x, weight, std::nullopt, eps);                               \
+    }                                                                                                      \
+    std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd, \
+                                         const std::optional<at::Tensor>& weight) {                        \
+        auto grads = norm_bwd<true>("rms_norm_bwd", dy, y, rstd, weight, std::nullopt);                    \
+        return {grads[0], grads[1]};                                                                       \
+    }

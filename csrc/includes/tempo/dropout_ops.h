@@ -64,6 +64,24 @@ inline void check_p(double p, const char* op) {
     TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
 }
 
+// The arguments of bias_dropout_add_fwd (both builds; the caller checks the device type).
+// Returns h, the bias length (1 without bias): element i gets bias[i % h].
+inline int64_t check_bias_dropout_add(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& residual, const at::Tensor& seed, double p) {
+    const char* op = "bias_dropout_add_fwd";
+    TORCH_CHECK(x.is_contiguous() && residual.is_contiguous(), op, ": x and residual must be contiguous");
+    TORCH_CHECK(residual.numel() == x.numel() && residual.scalar_type() == x.scalar_type() &&
+                    residual.device() == x.device(),
+                op, ": residual must match x in size, dtype and device");
+    check_seed(seed, x, op);
+    check_p(p, op);
+    if (!bias.has_value()) return 1;
+    TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == x.scalar_type() && bias->numel() > 0 &&
+                    x.numel() % bias->numel() == 0 && bias->device() == x.device(),
+                op, ": bias must be contiguous, of x's dtype and device, and divide x's size");
+    return bias->numel();
+}
+
 // The arguments of dropout_mask_block (both builds).
 inline void check_mask_block(const at::Tensor& seed, double p, int64_t offset, int64_t outer,
                              int64_t outer_stride, int64_t rows, int64_t row_stride, int64_t cols) {
