@@ -157,13 +157,8 @@ at::Tensor softmax_dropout_regen(const at::Tensor& probs, const at::Tensor& seed
 at::Tensor softmax_dropout_bwd(const at::Tensor& grad, const at::Tensor& probs, const std::optional<at::Tensor>& mask,
                                bool causal, double scale, const at::Tensor& seed, double p, at::ScalarType out_dtype) {
     TORCH_CHECK(grad.is_cpu() && probs.is_cpu(), "softmax_dropout_bwd: inputs must be CPU tensors");
+    detail::check_softmax_dropout_bwd(grad, probs, seed, p, out_dtype);
     const MaskView view = detail::make_mask_view(mask, probs, causal, "softmax_dropout_bwd");
-    TORCH_CHECK(grad.is_contiguous() && grad.sizes() == probs.sizes(), "softmax_dropout_bwd: grad must be contiguous, shaped like probs");
-    TORCH_CHECK(probs.scalar_type() == grad.scalar_type() || probs.scalar_type() == at::kFloat,
-                "softmax_dropout_bwd: probs must be fp32 or of grad's dtype");
-    detail::check_seed(seed, probs, "softmax_dropout_bwd");
-    detail::check_p(p, "softmax_dropout_bwd");
-    TORCH_CHECK(out_dtype == grad.scalar_type(), "softmax_dropout_bwd: out_dtype must be grad's dtype");
     auto grad_scores = empty_output(grad);
     const DropoutParams d = make_dropout_params(seed.item<int64_t>(), p);
     const int64_t rows = probs.size(0) * probs.size(1), sk = probs.size(2);

@@ -492,7 +492,8 @@ bool rows_cached(const at::Tensor& t, bool vectorised, int64_t capacity) {
     return vectorised && t.scalar_type() != at::kDouble && t.size(-1) / vec_width(t) <= capacity;
 }
 
-// Row chunks of the parameter-gradient partials; the bounds depend on the row count only.
+// Row chunks of the parameter-gradient partials; the bounds depend on the row count and on the
+// path (register-held or streamed rows), never on the GPU.
 struct RowChunks {
     int64_t rows;
     int64_t count;

@@ -82,6 +82,20 @@ inline int64_t check_bias_dropout_add(const at::Tensor& x, const std::optional<a
     return bias->numel();
 }
 
+// The arguments of softmax_dropout_bwd besides the mask (both builds; the caller checks the
+// device type).
+inline void check_softmax_dropout_bwd(const at::Tensor& grad, const at::Tensor& probs, const at::Tensor& seed,
+                                      double p, at::ScalarType out_dtype) {
+    const char* op = "softmax_dropout_bwd";
+    TORCH_CHECK(grad.device() == probs.device(), op, ": grad is on ", grad.device(), ", probs on ", probs.device());
+    TORCH_CHECK(grad.is_contiguous() && grad.sizes() == probs.sizes(), op, ": grad must be contiguous, shaped like probs");
+    TORCH_CHECK(probs.scalar_type() == grad.scalar_type() || probs.scalar_type() == at::kFloat, op,
+                ": probs must be fp32 or of grad's dtype");
+    check_seed(seed, probs, op);
+    check_p(p, op);
+    TORCH_CHECK(out_dtype == grad.scalar_type(), op, ": out_dtype must be grad's dtype");
+}
+
 // The arguments of dropout_mask_block (both builds).
 inline void check_mask_block(const at::Tensor& seed, double p, int64_t offset, int64_t outer,
                              int64_t outer_stride, int64_t rows, int64_t row_stride, int64_t cols) {
