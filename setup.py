@@ -74,7 +74,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pyflakes>=3"],
         "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,

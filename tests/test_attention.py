@@ -3,7 +3,6 @@ masks under recomputation, Megatron's masking edge cases, and the exact bytes ke
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tempo_ds import ops

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tempo_ds.bench import train
 from tempo_ds.bench.search import largest_fitting

@@ -162,7 +162,7 @@ class TempoCoreAttention(DotProductAttention):
         return context.permute(2, 0, 1, 3).contiguous().view(sq, b, heads * value.shape[-1])
 
     def _flash(self, query, key, value, mask_type, p):
-        sq, sk = query.shape[0], key.shape[0]
+        sq = query.shape[0]
         # DotProductAttention divides softmax_scale by the layer-scaling coefficient and multiplies
         # it back in fp32 inside the softmax: the net scale is the same.
         scale = self.softmax_scale * (self.qk_coeff if self.qk_coeff is not None else 1.0)

@@ -1,5 +1,4 @@
 """nn.Module drop-ins for activations."""
-import torch
 from torch import nn
 
 from ..ops import gelu
