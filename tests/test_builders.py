@@ -232,7 +232,9 @@ def test_source_digest_follows_every_file_the_build_reads(tmp_path, monkeypatch)
         assert core.source_digest() != digests[0], edited
         path.write_bytes(original)
     assert core.source_digest() == digests[0]
-    # another family's source leaves it alone
+    # a file the compiler does not read, and another family's source, leave it alone
+    (csrc / "includes" / "tempo" / "notes.txt").write_text("not a header\n")
+    assert core.source_digest() == digests[0]
     (csrc / "dropout" / "dropout_cpu.cpp").write_bytes(b"// edited\n")
     assert core.source_digest() == digests[0] and dropout.source_digest() != digests[1]
 

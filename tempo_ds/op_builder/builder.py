@@ -84,12 +84,14 @@ class TempoBuilderMixin:
         return [csrc_path("includes")]
 
     def source_files(self):
-        """Every file the build reads from csrc/: the sources, the shared headers under
-        csrc/includes, and the headers beside the sources."""
+        """Every file the build can read from csrc/: the sources, the shared headers under
+        csrc/includes, and the headers beside the sources. Other files there (a generator
+        script, an editor's backup) do not count."""
+        headers = (".h", ".cuh", ".hpp")
         files = {Path(s) for s in self.sources()}
-        files |= {p for p in CSRC.joinpath("includes").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        files |= {p for p in CSRC.joinpath("includes").rglob("*") if p.suffix in headers and p.is_file()}
         for folder in {Path(s).parent for s in self.sources()}:
-            files |= {p for p in folder.iterdir() if p.suffix in (".h", ".cuh", ".hpp")}
+            files |= {p for p in folder.iterdir() if p.suffix in headers and p.is_file()}
         return sorted(files)
 
     def source_digest(self):
