@@ -7,12 +7,14 @@
 // next linear layer anyway.
 //
 // Determinism: dgamma / dbeta are summed per chunk of rows whose bounds depend on the row count
-// only (never on the thread count or the schedule), then the chunk partials are added in chunk
-// order. Two runs give bit-identical gradients on any machine.
+// only (never on the thread count or the schedule): within a chunk by a row cascade (RowCascade),
+// then the chunk partials pairwise in chunk order. Two runs give bit-identical gradients on any
+// machine.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "norm_host.h"
 #include "tempo/core_ops.h"
@@ -41,6 +43,56 @@ acc_t pairwise_sum(int64_t begin, int64_t end, const Term& term) {
     const int64_t mid = begin + (end - begin) / 2;
     return pairwise_sum<acc_t>(begin, mid, term) + pairwise_sum<acc_t>(mid, end, term);
 }
+
+// Sums rows of N values (one chunk's dy * x_hat or dy) with an error that grows with the log of
+// the row count, like pairwise_sum, without holding the rows: a leaf of kCascadeLeafRows rows is
+// summed in order, and full leaves are combined as a binary counter carries (level k holds the
+// sum of 2^k leaves). The order of additions depends on the row count only.
+constexpr int kCascadeLeafRows = 8;
+
+template <typename acc_t>
+class RowCascade {
+   public:
+    explicit RowCascade(int64_t n) : n_(n), leaf_(n, acc_t(0)) {}
+
+    // The accumulator the current row is added into; end_row() after each row.
+    acc_t* leaf() { return leaf_.data(); }
+
+    void end_row() {
+        if (++leaf_rows_ < kCascadeLeafRows) return;
+        size_t k = 0;
+        for (; k < levels_.size() && held_[k]; ++k) {
+            add_into(leaf_.data(), levels_[k].data());  // older sums first: leaf = level + leaf
+            held_[k] = false;
+        }
+        if (k == levels_.size()) {
+            levels_.emplace_back(n_);
+            held_.push_back(false);
+        }
+        std::copy(leaf_.begin(), leaf_.end(), levels_[k].begin());
+        held_[k] = true;
+        std::fill(leaf_.begin(), leaf_.end(), acc_t(0));
+        leaf_rows_ = 0;
+    }
+
+    // The sum of every row so far, written to out[n].
+    void finish(acc_t* out) {
+        for (size_t k = 0; k < levels_.size(); ++k)
+            if (held_[k]) add_into(leaf_.data(), levels_[k].data());
+        std::copy(leaf_.begin(), leaf_.end(), out);
+    }
+
+   private:
+    void add_into(acc_t* acc, const acc_t* older) const {
+        for (int64_t j = 0; j < n_; ++j) acc[j] = older[j] + acc[j];
+    }
+
+    int64_t n_;
+    std::vector<acc_t> leaf_;
+    int leaf_rows_ = 0;
+    std::vector<std::vector<acc_t>> levels_;
+    std::vector<bool> held_;
+};
 
 // Parameter j, or the neutral value (1 for gamma, 0 for beta) when the parameter is absent.
 template <typename acc_t, typename param_t>
@@ -86,13 +138,15 @@ void norm_bwd_kernel(const scalar_t* dy,     // [M, N]
                      const param_t* gamma,   // [N] or null
                      const param_t* beta,    // [N] or null
                      scalar_t* dx,           // [M, N]
-                     acc_t* dgamma_part,     // [chunks, N] zero-filled, or null
-                     acc_t* dbeta_part,      // [chunks, N] zero-filled, or null
+                     acc_t* dgamma_part,     // [chunks, N], or null
+                     acc_t* dbeta_part,      // [chunks, N], or null
                      int64_t M, int64_t N, int64_t chunk_rows, int64_t chunks) {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-            acc_t* pg = dgamma_part != nullptr ? dgamma_part + c * N : nullptr;
-            acc_t* pb = dbeta_part != nullptr ? dbeta_part + c * N : nullptr;
+            RowCascade<acc_t> gamma_sum(dgamma_part != nullptr ? N : 0);
+            RowCascade<acc_t> beta_sum(dbeta_part != nullptr ? N : 0);
+            acc_t* pg = dgamma_part != nullptr ? gamma_sum.leaf() : nullptr;
+            acc_t* pb = dbeta_part != nullptr ? beta_sum.leaf() : nullptr;
             const int64_t row_end = std::min(M, (c + 1) * chunk_rows);
             for (int64_t row = c * chunk_rows; row < row_end; ++row) {
                 const scalar_t* dyr = dy + row * N;
@@ -116,20 +170,21 @@ void norm_bwd_kernel(const scalar_t* dy,     // [M, N]
                     if (pg != nullptr) pg[j] += static_cast<acc_t>(dyr[j]) * xh;
                     if (pb != nullptr) pb[j] += static_cast<acc_t>(dyr[j]);
                 }
+                gamma_sum.end_row();
+                beta_sum.end_row();
             }
+            if (dgamma_part != nullptr) gamma_sum.finish(dgamma_part + c * N);
+            if (dbeta_part != nullptr) beta_sum.finish(dbeta_part + c * N);
         }
     });
 }
 
-// out[j] = sum over chunks of part[c, j], in chunk order.
+// out[j] = sum over chunks of part[c, j], pairwise in chunk order.
 template <typename acc_t, typename param_t>
 void sum_chunks(const acc_t* part, param_t* out, int64_t chunks, int64_t N) {
     at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-            acc_t sum = 0;
-            for (int64_t c = 0; c < chunks; ++c) sum += part[c * N + j];
-            out[j] = static_cast<param_t>(sum);
-        }
+        for (int64_t j = begin; j < end; ++j)
+            out[j] = static_cast<param_t>(pairwise_sum<acc_t>(0, chunks, [&](int64_t c) { return part[c * N + j]; }));
     });
 }
 
@@ -175,8 +230,9 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
     const int64_t chunk_rows = std::max(kMinChunkRows, (M + kMaxChunks - 1) / kMaxChunks);
     const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
     const auto part_options = rstd.options();
-    auto dweight_part = dweight.defined() ? at::zeros({chunks, N}, part_options) : at::Tensor();
-    auto dbias_part = dbias.defined() ? at::zeros({chunks, N}, part_options) : at::Tensor();
+    // every chunk writes its whole partial row
+    auto dweight_part = dweight.defined() ? at::empty({chunks, N}, part_options) : at::Tensor();
+    auto dbias_part = dbias.defined() ? at::empty({chunks, N}, part_options) : at::Tensor();
     const bool mixed = norm_host::param_dtype(y, weight, bias) != y.scalar_type();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "tempo_norm_bwd", [&] {
         using acc_t = typename norm_acc_type<scalar_t>::type;
