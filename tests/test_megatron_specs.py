@@ -12,7 +12,7 @@ from tempo_ds import megatron as tm
 from tempo_ds.memory import models
 
 from . import megatron_utils as mu
-from .numerics import assert_within_pytorch_error
+from .numerics import assert_within_pytorch_error, tiny_atol
 
 pytest.importorskip("megatron.core")
 
@@ -93,7 +93,11 @@ def _compare_with_stock(arch, attention, dtype):
     (s_loss, s_logits, s_grads), (t_loss, t_logits, t_grads), (r_loss, r_logits, r_grads) = (
         results["stock"], results["tempo"], results["ref"])
     errors = {"logits": assert_within_pytorch_error(t_logits, s_logits, r_logits, "logits"),
-              "loss": assert_within_pytorch_error(t_loss.float(), s_loss.float(), r_loss, "loss")}
+              # one scalar: stock's error can cancel to nearly nothing by chance, so it is judged
+              # at the model dtype's resolution. CPU build, bf16, seeds 0-11, 2026-11-27: at fp32's
+              # atol gpt/auto failed 4 seeds and bert/auto 2; at bf16's, at most 0.33 of the bound.
+              "loss": assert_within_pytorch_error(t_loss.float(), s_loss.float(), r_loss, "loss",
+                                                  atol=tiny_atol(dtype))}
     assert set(t_grads) == set(s_grads) == set(r_grads)
     worst = (0.0, 0.0)
     for name in s_grads:
