@@ -502,6 +502,17 @@ def test_cuda_matches_float64_and_cpu(op, dtype, hidden, mixed, poison):
             _assert_roundings_apart(g, c, name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("rows,hidden", [(16384, 1024), (65536, 256)])
+def test_cuda_parameter_gradients_over_many_rows(op, rows, hidden):
+    """test_parameter_gradients_over_many_rows on the GPU. The CUDA kernels sum each chunk's rows
+    in order (32 rows per chunk at 16384 rows, 128 at 65536) before the chunk partials, so fp32
+    dgamma / dbeta over many rows are where their summation order shows against PyTorch's."""
+    x, w, b, dy = _make((rows,), hidden, torch.float32, device="cuda")
+    _compare(op, x, w, b if op == "layer_norm" else None, dy)
+
+
 def _assert_roundings_apart(gpu, cpu, name, ulps=4):
     """Element-wise within a few roundings of the tensor's dtype, relative to the tensor's scale."""
     eps = torch.finfo(cpu.dtype).eps
