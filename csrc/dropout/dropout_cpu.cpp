@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "tempo/dropout_ops.h"
 #include "tempo/philox.h"
 
@@ -15,37 +17,30 @@ constexpr int64_t kGroupGrain = 4096;
 
 int64_t read_seed(const at::Tensor& seed) { return seed.item<int64_t>(); }
 
+// f(i, m) for every element i < n, in parallel over whole Philox groups: m = scale where the mask
+// of d keeps element i, else 0. A multiplier rather than a select, so that NaN/Inf propagate as in
+// torch's dropout.
+template <typename acc_t, typename F>
+void for_each_multiplier(int64_t n, const DropoutParams& d, const F& f) {
+    const acc_t scale = static_cast<acc_t>(d.scale);
+    at::parallel_for(0, (n + 3) / 4, kGroupGrain, [&](int64_t begin, int64_t end) {
+        for_each_keep(d, 4 * begin, std::min(4 * end, n), [&](int64_t i, bool kept) { f(i, kept ? scale : acc_t(0)); });
+    });
+}
+
 template <typename scalar_t>
 void dropout_fwd_kernel(const scalar_t* x, scalar_t* y, int64_t n, DropoutParams d) {
     using acc_t = typename compute_type<scalar_t>::type;
-    const acc_t scale = static_cast<acc_t>(d.scale);
-    at::parallel_for(0, (n + 3) / 4, kGroupGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t g = begin; g < end; ++g) {
-            const uint32_t keep = dropout_keep_bits(d, g);
-            for (int k = 0; k < 4 && 4 * g + k < n; ++k) {
-                const int64_t i = 4 * g + k;
-                // multiply rather than select so that NaN/Inf propagate as in torch's dropout
-                y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * ((keep >> k) & 1 ? scale : acc_t(0)));
-            }
-        }
-    });
+    for_each_multiplier<acc_t>(n, d, [&](int64_t i, acc_t m) { y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * m); });
 }
 
 template <typename scalar_t>
 void bias_dropout_add_kernel(const scalar_t* x, const scalar_t* bias, const scalar_t* residual,
                              scalar_t* out, int64_t n, int64_t h, DropoutParams d) {
     using acc_t = typename compute_type<scalar_t>::type;
-    const acc_t scale = static_cast<acc_t>(d.scale);
-    at::parallel_for(0, (n + 3) / 4, kGroupGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t g = begin; g < end; ++g) {
-            const uint32_t keep = dropout_keep_bits(d, g);
-            for (int k = 0; k < 4 && 4 * g + k < n; ++k) {
-                const int64_t i = 4 * g + k;
-                const acc_t v = static_cast<acc_t>(x[i]) + (bias ? static_cast<acc_t>(bias[i % h]) : acc_t(0));
-                out[i] = static_cast<scalar_t>(static_cast<acc_t>(residual[i]) +
-                                               v * ((keep >> k) & 1 ? scale : acc_t(0)));
-            }
-        }
+    for_each_multiplier<acc_t>(n, d, [&](int64_t i, acc_t m) {
+        const acc_t v = static_cast<acc_t>(x[i]) + (bias ? static_cast<acc_t>(bias[i % h]) : acc_t(0));
+        out[i] = static_cast<scalar_t>(static_cast<acc_t>(residual[i]) + v * m);
     });
 }
 

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "tempo/dropout_ops.h"
@@ -48,15 +49,10 @@ void softmax_dropout_fwd_kernel(const scalar_t* scores, prob_t* probs, scalar_t*
             }
             if (dropped == nullptr) continue;
             // Philox groups are over the flat [B * sq * sk] index, so rows may start mid-group.
-            for (int64_t g = base / 4; g * 4 < base + sk; ++g) {
-                const uint32_t keep = dropout_keep_bits(d, g);
-                for (int k = 0; k < 4; ++k) {
-                    const int64_t i = 4 * g + k;
-                    if (i < base || i >= base + sk) continue;
-                    const acc_t y = as_activation<scalar_t, acc_t>(probs[i]);
-                    dropped[i] = static_cast<scalar_t>(y * ((keep >> k) & 1 ? d_scale : acc_t(0)));
-                }
-            }
+            for_each_keep(d, base, base + sk, [&](int64_t i, bool kept) {
+                const acc_t y = as_activation<scalar_t, acc_t>(probs[i]);
+                dropped[i] = static_cast<scalar_t>(y * (kept ? d_scale : acc_t(0)));
+            });
         }
     });
 }
@@ -66,14 +62,10 @@ void softmax_dropout_regen_kernel(const prob_t* probs, out_t* dropped, int64_t n
     using acc_t = typename compute_type<out_t>::type;
     const acc_t d_scale = static_cast<acc_t>(d.scale);
     at::parallel_for(0, (n + 3) / 4, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t g = begin; g < end; ++g) {
-            const uint32_t keep = dropout_keep_bits(d, g);
-            for (int k = 0; k < 4 && 4 * g + k < n; ++k) {
-                const int64_t i = 4 * g + k;
-                const acc_t y = as_activation<out_t, acc_t>(probs[i]);
-                dropped[i] = static_cast<out_t>(y * ((keep >> k) & 1 ? d_scale : acc_t(0)));
-            }
-        }
+        for_each_keep(d, 4 * begin, std::min(4 * end, n), [&](int64_t i, bool kept) {
+            const acc_t y = as_activation<out_t, acc_t>(probs[i]);
+            dropped[i] = static_cast<out_t>(y * (kept ? d_scale : acc_t(0)));
+        });
     });
 }
 
@@ -88,20 +80,15 @@ void softmax_dropout_bwd_kernel(const grad_t* grad, const prob_t* probs, out_t* 
             const int64_t base = row * sk;
             acc_t dot = 0;
             for (int pass = 0; pass < 2; ++pass) {
-                for (int64_t g = base / 4; g * 4 < base + sk; ++g) {
-                    const uint32_t keep = dropout_keep_bits(d, g);
-                    for (int k = 0; k < 4; ++k) {
-                        const int64_t i = 4 * g + k;
-                        if (i < base || i >= base + sk) continue;
-                        const acc_t gp = static_cast<acc_t>(grad[i]) * ((keep >> k) & 1 ? d_scale : acc_t(0));
-                        const acc_t y = static_cast<acc_t>(probs[i]);
-                        if (pass == 0) {
-                            dot += gp * y;
-                        } else {
-                            grad_scores[i] = mask.masked(row, i - base) ? out_t(0) : static_cast<out_t>(s * y * (gp - dot));
-                        }
+                for_each_keep(d, base, base + sk, [&](int64_t i, bool kept) {
+                    const acc_t gp = static_cast<acc_t>(grad[i]) * (kept ? d_scale : acc_t(0));
+                    const acc_t y = static_cast<acc_t>(probs[i]);
+                    if (pass == 0) {
+                        dot += gp * y;
+                    } else {
+                        grad_scores[i] = mask.masked(row, i - base) ? out_t(0) : static_cast<out_t>(s * y * (gp - dot));
                     }
-                }
+                });
             }
         }
     });

@@ -71,6 +71,19 @@ TEMPO_HD uint32_t dropout_keep_bits(const DropoutParams& d, int64_t group) {
            (static_cast<uint32_t>(r.w[2] >= d.threshold) << 2) | (static_cast<uint32_t>(r.w[3] >= d.threshold) << 3);
 }
 
+// f(i, kept) for every element i in [begin, end) in order, one Philox draw per group of four of
+// the flat index (a range may start or end mid-group, as a row of attention scores does).
+template <typename F>
+TEMPO_HD void for_each_keep(const DropoutParams& d, int64_t begin, int64_t end, const F& f) {
+    for (int64_t g = begin >> 2; g * 4 < end; ++g) {
+        const uint32_t keep = dropout_keep_bits(d, g);
+        for (int k = 0; k < 4; ++k) {
+            const int64_t i = 4 * g + k;
+            if (i >= begin && i < end) f(i, ((keep >> k) & 1u) != 0);
+        }
+    }
+}
+
 // Keep-bit of element i alone, for kernels whose blocks need not start on a group boundary.
 TEMPO_HD bool dropout_keep(const DropoutParams& d, int64_t i) { return (dropout_keep_bits(d, i >> 2) >> (i & 3)) & 1u; }
 
