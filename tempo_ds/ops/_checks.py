@@ -4,6 +4,7 @@ Convention (PyTorch's): TypeError for a wrong type or dtype, ValueError for a wr
 or device.
 """
 import contextlib
+import functools
 
 import torch
 
@@ -94,3 +95,13 @@ def autocast_off(device_type):
     if not torch.amp.is_autocast_available(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+def without_autocast(fn):
+    """Decorator of an autograd.Function's forward or backward (ctx, first tensor, ...): runs it
+    inside autocast_off for the first tensor's device type."""
+    @functools.wraps(fn)
+    def run(ctx, first, *args):
+        with autocast_off(first.device.type):
+            return fn(ctx, first, *args)
+    return run

@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _backend
-from ._checks import autocast_inputs, autocast_off, check_float_tensor, check_like, check_probability
+from ._checks import autocast_inputs, check_float_tensor, check_like, check_probability, without_autocast
 from .dropout import draw_seed, report_mask
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -31,18 +31,8 @@ class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
     """dropout(softmax(mask(scale * scores))) @ v, keeping probs (activation dtype or fp32) and a seed."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, scores, v, mask, p, scale, keep_fp32, causal):
-        with autocast_off(scores.device.type):
-            return SoftmaxDropoutMatmulFunction._forward(ctx, scores, v, mask, p, scale, keep_fp32, causal)
-
-    @staticmethod
-    @once_differentiable  # the kernels' backward is not differentiable: raise on double backward
-    def backward(ctx, grad_out):
-        with autocast_off(grad_out.device.type):
-            return SoftmaxDropoutMatmulFunction._backward(ctx, grad_out)
-
-    @staticmethod
-    def _forward(ctx, scores, v, mask, p, scale, keep_fp32, causal):
         b, heads, sq, sk = scores.shape
         groups = v.shape[1]
         kernels = _backend.ops("dropout", scores.device)
@@ -64,7 +54,9 @@ class SoftmaxDropoutMatmulFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _backward(ctx, grad_out):
+    @once_differentiable  # the kernels' backward is not differentiable: raise on double backward
+    @without_autocast
+    def backward(ctx, grad_out):
         probs, v, seed, *rest = ctx.saved_tensors
         mask = rest[0] if ctx.has_mask else None
         b, heads, sq, sk = ctx.shape

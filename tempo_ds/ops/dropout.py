@@ -106,9 +106,9 @@ class BiasDropoutAddFunction(torch.autograd.Function):
     def forward(ctx, x, bias, residual, p):
         kernels = _backend.ops("dropout", x.device)
         seed = draw_seed(x.device)
-        flat_bias = bias.contiguous().view(-1) if bias is not None else None
-        # x's shape, not a view
-        out = kernels.bias_dropout_add_fwd(x.contiguous(), flat_bias, residual.contiguous(), seed, p)
+        # x's shape, not a view (bias is [h], checked by bias_dropout_add)
+        out = kernels.bias_dropout_add_fwd(x.contiguous(), None if bias is None else bias.contiguous(),
+                                           residual.contiguous(), seed, p)
         ctx.p = p
         ctx.bias_shape = bias.shape if bias is not None else None
         ctx.save_for_backward(seed)

@@ -23,7 +23,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _backend
-from ._checks import autocast_inputs, autocast_off, check_float_tensor, check_like, check_probability
+from ._checks import autocast_inputs, check_float_tensor, check_like, check_probability, without_autocast
 from .dropout import draw_seed, report_mask
 
 # Score elements per chunk (b · np · rows · sk): 4M fp32 scores are 16 MiB, and a chunk holds a few
@@ -88,18 +88,8 @@ class RecomputeAttentionFunction(torch.autograd.Function):
     """softmax(scale·q@kᵀ) → seeded dropout → @v, keeping q, k, v, the fp32 logsumexp and a seed."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, q, k, v, p, scale, causal, chunk_size):
-        with autocast_off(q.device.type):
-            return RecomputeAttentionFunction._forward(ctx, q, k, v, p, scale, causal, chunk_size)
-
-    @staticmethod
-    @once_differentiable  # backward's recomputation is not differentiable: raise on double backward
-    def backward(ctx, grad_out):
-        with autocast_off(grad_out.device.type):
-            return RecomputeAttentionFunction._backward(ctx, grad_out)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, p, scale, causal, chunk_size):
         b, heads, sq, hn = q.shape
         groups, sk = k.shape[1], k.shape[2]
         acc = _acc_dtype(q.dtype)
@@ -129,7 +119,9 @@ class RecomputeAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _backward(ctx, grad_out):
+    @once_differentiable  # backward's recomputation is not differentiable: raise on double backward
+    @without_autocast
+    def backward(ctx, grad_out):
         q, k, v, lse, seed = ctx.saved_tensors
         b, heads, sq, hn = q.shape
         groups, sk = k.shape[1], k.shape[2]
