@@ -3,6 +3,8 @@
 // multiply-add or takes its hardware reciprocal, and the results agree to rounding.
 #pragma once
 
+#include <math.h>  // the unqualified expf, isfinite, ... below (<cmath> only promises std::)
+
 #include <bit>
 #include <cmath>
 #include <cstdint>
