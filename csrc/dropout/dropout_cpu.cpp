@@ -4,8 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-
+#include "dropout_cpu.h"
 #include "tempo/dropout_ops.h"
 #include "tempo/philox.h"
 
@@ -13,20 +12,7 @@ namespace tempo {
 namespace cpu {
 namespace {
 
-constexpr int64_t kGroupGrain = 4096;
-
 int64_t read_seed(const at::Tensor& seed) { return seed.item<int64_t>(); }
-
-// f(i, m) for every element i < n, in parallel over whole Philox groups: m = scale where the mask
-// of d keeps element i, else 0. A multiplier rather than a select, so that NaN/Inf propagate as in
-// torch's dropout.
-template <typename acc_t, typename F>
-void for_each_multiplier(int64_t n, const DropoutParams& d, const F& f) {
-    const acc_t scale = static_cast<acc_t>(d.scale);
-    at::parallel_for(0, (n + 3) / 4, kGroupGrain, [&](int64_t begin, int64_t end) {
-        for_each_keep(d, 4 * begin, std::min(4 * end, n), [&](int64_t i, bool kept) { f(i, kept ? scale : acc_t(0)); });
-    });
-}
 
 template <typename scalar_t>
 void dropout_fwd_kernel(const scalar_t* x, scalar_t* y, int64_t n, DropoutParams d) {
@@ -65,12 +51,7 @@ at::Tensor dropout_mask(const at::Tensor& seed, int64_t n, double p) {
     auto mask = at::empty({n}, seed.options().dtype(at::kBool));
     bool* out = mask.data_ptr<bool>();
     const DropoutParams d = make_dropout_params(read_seed(seed), p);
-    at::parallel_for(0, (n + 3) / 4, kGroupGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t g = begin; g < end; ++g) {
-            const uint32_t keep = dropout_keep_bits(d, g);
-            for (int k = 0; k < 4 && 4 * g + k < n; ++k) out[4 * g + k] = (keep >> k) & 1;
-        }
-    });
+    parallel_for_each_keep(n, d, [&](int64_t i, bool kept) { out[i] = kept; });
     return mask;
 }
 

@@ -4,9 +4,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <limits>
 
+#include "dropout_cpu.h"
 #include "tempo/dropout_ops.h"
 #include "tempo/philox.h"
 
@@ -60,12 +60,8 @@ void softmax_dropout_fwd_kernel(const scalar_t* scores, prob_t* probs, scalar_t*
 template <typename out_t, typename prob_t>
 void softmax_dropout_regen_kernel(const prob_t* probs, out_t* dropped, int64_t n, DropoutParams d) {
     using acc_t = typename compute_type<out_t>::type;
-    const acc_t d_scale = static_cast<acc_t>(d.scale);
-    at::parallel_for(0, (n + 3) / 4, 4096, [&](int64_t begin, int64_t end) {
-        for_each_keep(d, 4 * begin, std::min(4 * end, n), [&](int64_t i, bool kept) {
-            const acc_t y = as_activation<out_t, acc_t>(probs[i]);
-            dropped[i] = static_cast<out_t>(y * (kept ? d_scale : acc_t(0)));
-        });
+    for_each_multiplier<acc_t>(n, d, [&](int64_t i, acc_t m) {
+        dropped[i] = static_cast<out_t>(as_activation<out_t, acc_t>(probs[i]) * m);
     });
 }
 
