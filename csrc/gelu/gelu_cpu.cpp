@@ -1,5 +1,7 @@
 // In-place GELU on CPU: the same per-element math as gelu_cuda.cu (tempo/gelu.h), OpenMP loops
 // through at::parallel_for. One work item is one byte of branch bits = 8 elements.
+#include <algorithm>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -28,6 +30,28 @@ void gelu_fwd_kernel(const scalar_t* x, scalar_t* y, uint8_t* bits, int64_t n) {
     });
 }
 
+// GELU'(x) of the `count` (<= 8) elements of one byte of branch bits, into d.
+// A derivative table gathers element by element.
+template <typename Derivative, typename scalar_t, typename acc_t>
+void byte_derivatives(Derivative derivative, const scalar_t* y, uint8_t packed, int count, acc_t* d) {
+    for (int k = 0; k < count; ++k) d[k] = derivative(y[k], (packed >> k) & 1);
+}
+
+// Newton's inversion runs its steps on the byte's elements in lockstep: one element's steps form a
+// chain of dependent operations (libm calls, a sqrt, divisions) that the core would otherwise run
+// one after the other; eight independent chains overlap. Each element takes exactly the operations
+// of gelu_derivative_from_output, as on the GPU.
+template <typename Form, typename scalar_t, typename acc_t>
+void byte_derivatives(NewtonDerivative<Form>, const scalar_t* y, uint8_t packed, int count, acc_t* d) {
+    GeluInversion<Form, acc_t> inversions[8];
+    for (int k = 0; k < count; ++k)
+        inversions[k] = GeluInversion<Form, acc_t>(static_cast<acc_t>(y[k]), (packed >> k) & 1);
+    for (int i = 0; i < gelu_newton_steps<acc_t>(); ++i) {
+        for (int k = 0; k < count; ++k) inversions[k].step();
+    }
+    for (int k = 0; k < count; ++k) d[k] = inversions[k].derivative();
+}
+
 // Derivative: NewtonDerivative<Form> or TableDerivative (tempo/gelu.h).
 template <typename Derivative, typename scalar_t>
 void gelu_bwd_kernel(Derivative derivative, const scalar_t* dy, const scalar_t* y,
@@ -36,12 +60,12 @@ void gelu_bwd_kernel(Derivative derivative, const scalar_t* dy, const scalar_t* 
     const int64_t n_bytes = (n + 7) / 8;
     at::parallel_for(0, n_bytes, 512, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-            const uint8_t packed = bits[b];
             const int64_t base = b * 8;
-            for (int k = 0; k < 8 && base + k < n; ++k) {
-                const acc_t d = derivative(y[base + k], (packed >> k) & 1);
-                dx[base + k] = static_cast<scalar_t>(static_cast<acc_t>(dy[base + k]) * d);
-            }
+            const int count = static_cast<int>(std::min<int64_t>(8, n - base));
+            acc_t d[8];
+            byte_derivatives(derivative, y + base, bits[b], count, d);
+            for (int k = 0; k < count; ++k)
+                dx[base + k] = static_cast<scalar_t>(static_cast<acc_t>(dy[base + k]) * d[k]);
         }
     });
 }

@@ -48,21 +48,43 @@ TEMPO_HD float normal_cdf(float x) {
 }
 TEMPO_HD double normal_cdf(double x) { return 0.5 * t_erfc(-x * 0.70710678118654752440); }
 
+// Both forms are GELU(x) = x * c(x), c = Phi(x) or sigmoid(2u). A form gives c (factor) and GELU'
+// from x and c (derivative_from); value, derivative, and the pair each Newton step needs from one
+// evaluation of c, follow here.
+template <typename Form>
+struct GeluForm {
+    template <typename T>
+    static TEMPO_HD T value(T x) {
+        return x * Form::factor(x);
+    }
+    template <typename T>
+    static TEMPO_HD T derivative(T x) {
+        return Form::derivative_from(x, Form::factor(x));
+    }
+    template <typename T>
+    static TEMPO_HD void value_and_derivative(T x, T& value, T& prime) {
+        const T c = Form::factor(x);
+        value = x * c;
+        prime = Form::derivative_from(x, c);
+    }
+};
+
 // GELU(x) = x * Phi(x).
-struct GeluErf {
+struct GeluErf : GeluForm<GeluErf> {
     // argmin, min and second derivative at the minimum (computed in float64, see docs/gelu.md)
     static constexpr double x_star = -0.75179152469356436;
     static constexpr double y_min = -0.16997120747990369;
     static constexpr double curvature = 0.43149399232833563;
 
     template <typename T>
-    static TEMPO_HD T value(T x) {
-        return x * normal_cdf(x);
+    static TEMPO_HD T factor(T x) {
+        return normal_cdf(x);
     }
+    // Phi(x) + x pdf(x)
     template <typename T>
-    static TEMPO_HD T derivative(T x) {
+    static TEMPO_HD T derivative_from(T x, T cdf) {
         const T pdf = T(0.39894228040143267794) * t_exp(T(-0.5) * x * x);
-        return normal_cdf(x) + x * pdf;
+        return cdf + x * pdf;
     }
     // Start for the left tail: x ~ -sqrt(-2 log(-y) - log(2 pi)) since GELU(x) ~ -pdf(x) there.
     template <typename T>
@@ -74,7 +96,7 @@ struct GeluErf {
 // tanh form used by GPT-2 and Megatron's openai_gelu:
 // 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
 // The sigmoid form avoids the cancellation 1 + tanh(u) for u << 0.
-struct GeluTanh {
+struct GeluTanh : GeluForm<GeluTanh> {
     static constexpr double x_star = -0.75246142207101630;
     static constexpr double y_min = -0.17004075057125403;
     static constexpr double curvature = 0.43040009102485854;
@@ -91,12 +113,12 @@ struct GeluTanh {
         return t_select(a >= T(0), r, e * r);
     }
     template <typename T>
-    static TEMPO_HD T value(T x) {
-        return x * sigmoid_2u(x);
+    static TEMPO_HD T factor(T x) {
+        return sigmoid_2u(x);
     }
+    // s + x s (1 - s) 2 du/dx, s = sigmoid(2u)
     template <typename T>
-    static TEMPO_HD T derivative(T x) {
-        const T s = sigmoid_2u(x);
+    static TEMPO_HD T derivative_from(T x, T s) {
         const T du = T(0.79788456080286535588) * (T(1) + T(3 * 0.044715) * x * x);
         return s + x * s * (T(1) - s) * T(2) * du;
     }
@@ -112,7 +134,8 @@ struct GeluTanh {
 // Number of Newton steps: enough to reach the accuracy floor set by the rounding of y. With fp32
 // math (16-bit storage) that floor is reached in 3 steps, with fp64 math (fp32 storage) in 5
 // (tests/test_gelu.py::test_backward_matches_exact_output_based_gradient holds each dtype to it).
-// Each step costs an erfc or exp, a sqrt and a division, so the count sets the backward's cost.
+// Each step costs one GELU'(x) with GELU(x) beside it (one erfc and one exp, or one sigmoid), a
+// sqrt and a division, so the count sets the backward's cost.
 template <typename T>
 constexpr int gelu_newton_steps() { return sizeof(T) >= 8 ? 5 : 3; }
 
@@ -122,52 +145,92 @@ constexpr double kGeluNearMinimum = 1e-3;
 // Below this y (on the left branch) the log coordinates converge faster than the sqrt ones.
 constexpr double kGeluTailThreshold = -0.05;
 
+// Newton's inversion of GELU(x) = y on the branch given by `left` (x < x*), one step at a time.
+// gelu_derivative_from_output below runs it for one element; the CPU kernel runs the steps of a
+// byte's 8 elements in lockstep (gelu_cpu.cpp), so that their independent chains of dependent
+// operations overlap. Both take the same operations in the same order on each element.
+template <typename Form, typename T>
+struct GeluInversion {
+    T y;
+    T x;          // the current iterate
+    T target;     // sqrt(y - y_min), the goal of the sqrt coordinates
+    T log_neg_y;  // log(-y), the goal of the log coordinates (tail only)
+    bool left;
+    bool tail;
+    bool running;  // false once a step was not taken: no further step is either
+
+    // an inversion with nothing to do (a placeholder in an array)
+    TEMPO_HD GeluInversion() : y(0), x(0), target(0), log_neg_y(0), left(false), tail(false), running(false) {}
+
+    TEMPO_HD GeluInversion(T y_, bool left_) : y(y_), target(0), log_neg_y(0), left(left_) {
+        const T y_min = T(Form::y_min);
+        const T x_star = T(Form::x_star);
+        tail = left && y > T(kGeluTailThreshold);
+        // NaN / Inf, or GELU underflowed on the tail: derivative() needs no x
+        running = t_isfinite(y) && !(tail && !(y < T(0)));
+        if (!running) {
+            x = y;
+            return;
+        }
+        target = t_sqrt(t_fmax(y - y_min, T(0)));
+        if (left) {
+            x = x_star - spread() * target;
+            if (tail) {
+                log_neg_y = t_log(-y);
+                x = t_fmin(x, Form::tail_start(log_neg_y));
+            }
+        } else {
+            // on the right branch x >= y when y > 0 (Phi < 1), and the quadratic model starts left of it
+            x = t_fmax(x_star + spread() * target, y);
+        }
+    }
+
+    // dx ~ sqrt(2 / curvature) * sqrt(y - y_min) near the minimum
+    static TEMPO_HD T spread() { return T(1.0) / t_sqrt(T(0.5) * T(Form::curvature)); }
+
+    // One Newton step from x; returns running (false: this step and all later ones not taken).
+    TEMPO_HD bool step() {
+        if (!running) return false;
+        const T x_star = T(Form::x_star);
+        T g, d;
+        Form::value_and_derivative(x, g, d);
+        T dx;
+        if (tail) {
+            if (!(g < T(0))) return running = false;
+            dx = (t_log(-g) - log_neg_y) * g / d;
+        } else {
+            const T r = t_sqrt(t_fmax(g - T(Form::y_min), T(0)));
+            // dx/ds = 2 r / GELU'(x) tends to -+spread at x*, where both r and GELU' vanish and
+            // their computed ratio is rounding noise: use the limit there.
+            const T slope = t_fabs(x - x_star) < T(kGeluNearMinimum) ? (left ? -spread() : spread())
+                                                                     : T(2) * r / d;
+            dx = (r - target) * slope;
+        }
+        if (!t_isfinite(dx)) return running = false;
+        x -= dx;
+        // stay on the branch: Newton from the outside of a convex well can overshoot x*
+        x = left ? t_fmin(x, x_star) : t_fmax(x, x_star);
+        return true;
+    }
+
+    // GELU'(x) at the last iterate. A non-finite output gives the derivative of itself (NaN / Inf
+    // propagate); GELU underflowed to 0 on the tail means x is so negative that GELU'(x) ~ 0.
+    TEMPO_HD T derivative() const {
+        if (!t_isfinite(y)) return Form::derivative(y);
+        if (tail && !(y < T(0))) return T(0);
+        return Form::derivative(x);
+    }
+};
+
 // GELU'(x) for the x with GELU(x) = y on the branch given by `left` (x < x*).
 template <typename Form, typename T>
 TEMPO_HD T gelu_derivative_from_output(T y, bool left) {
-    const T y_min = T(Form::y_min);
-    const T x_star = T(Form::x_star);
-    // propagate NaN / Inf: the derivative of a non-finite output is computed on itself
-    if (!t_isfinite(y)) return Form::derivative(y);
-    const T target = t_sqrt(t_fmax(y - y_min, T(0)));
-    // dx ~ sqrt(2 / curvature) * sqrt(y - y_min) near the minimum
-    const T spread = T(1.0) / t_sqrt(T(0.5) * T(Form::curvature));
-    T x;
-    const bool tail = left && y > T(kGeluTailThreshold);
-    T log_neg_y = T(0);
-    if (left) {
-        x = x_star - spread * target;
-        if (tail) {
-            if (!(y < T(0))) return T(0);  // GELU underflowed: x is so negative that GELU'(x) ~ 0
-            log_neg_y = t_log(-y);
-            x = t_fmin(x, Form::tail_start(log_neg_y));
-        }
-    } else {
-        // on the right branch x >= y when y > 0 (Phi < 1), and the quadratic model starts left of it
-        x = t_fmax(x_star + spread * target, y);
-    }
+    GeluInversion<Form, T> inversion(y, left);
 #pragma unroll
     for (int i = 0; i < gelu_newton_steps<T>(); ++i) {
-        const T g = Form::value(x);
-        const T d = Form::derivative(x);
-        T step;
-        if (tail) {
-            if (!(g < T(0))) break;
-            step = (t_log(-g) - log_neg_y) * g / d;
-        } else {
-            const T r = t_sqrt(t_fmax(g - y_min, T(0)));
-            // dx/ds = 2 r / GELU'(x) tends to -+spread at x*, where both r and GELU' vanish and
-            // their computed ratio is rounding noise: use the limit there.
-            const T slope = t_fabs(x - x_star) < T(kGeluNearMinimum) ? (left ? -spread : spread)
-                                                                     : T(2) * r / d;
-            step = (r - target) * slope;
-        }
-        if (!t_isfinite(step)) break;
-        x -= step;
-        // stay on the branch: Newton from the outside of a convex well can overshoot x*
-        x = left ? t_fmin(x, x_star) : t_fmax(x, x_star);
+        if (!inversion.step()) break;
     }
-    return Form::derivative(x);
+    return inversion.derivative();
 }
 
 // How a backward kernel obtains GELU'(x) for a stored (y, branch bit); both return it in the
