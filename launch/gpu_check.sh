@@ -13,7 +13,7 @@
 #   0 wheels  install .whl/*.whl into a private folder unless deepspeed and megatron.core import
 #   1 build   the CUDA ops (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16): python -m tempo_ds.report --load
 #   2 tests   python -m pytest -q -m gpu
-#   3 ops     python -m tempo_ds.bench ops
+#   3 ops     python -m tempo_ds.bench ops; opt-in stage bench-ops-fp32: GELU and the norms in fp32
 #   4 train   python -m tempo_ds.bench train: GPT-2 345M s=1024 and BERT-Large s=512, every
 #             variant, without and with a 16 GiB budget (the budget runs take stock and
 #             tempo-flash first: the pair the +16% target compares)
@@ -89,8 +89,13 @@ stage build 200 python3 -m tempo_ds.report --load --parallel
 stage gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8
 if [ "$tiny" = 1 ]; then
   stage bench-ops 60 python3 -m tempo_ds.bench ops --reps 2 --json "$results/bench_ops.json"
+  stage bench-ops-fp32 60 python3 -m tempo_ds.bench ops --only gelu norm --dtype fp32 --reps 2 \
+    --json "$results/bench_ops_fp32.json"
 else
   stage bench-ops 150 python3 -m tempo_ds.bench ops --json "$results/bench_ops.json"
+  # fp32 tensors: GELU's backward inverts per element in fp64 (no derivative table)
+  stage bench-ops-fp32 60 python3 -m tempo_ds.bench ops --only gelu norm --dtype fp32 \
+    --json "$results/bench_ops_fp32.json"
 fi
 
 # -- 4: train benchmark -----------------------------------------------------------------------------
