@@ -174,6 +174,27 @@ def test_shapes_including_empty_and_ragged(shape, poison):
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_newton_backward_does_not_depend_on_an_elements_neighbours(dtype, approximate):
+    """The CPU kernel inverts the 8 elements of a byte of bits in lockstep; each element's result
+    must be its own, bit for bit, whichever byte and lane it falls in and however full that byte
+    is. Shifting the tensor by 1 to 7 elements moves every element to another lane (and the last
+    byte's fill changes)."""
+    x = torch.cat([gelu_inputs(1 << 10), torch.tensor([float("nan"), float("inf"), -float("inf")])])
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))].to(dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    tanh_form = approximate == "tanh"
+    kernels = _backend.ops("core", x.device)
+    y, bits = kernels.gelu_fwd(x, tanh_form)
+    left = reference.unpack_bits(bits, x.numel())
+    dx = kernels.gelu_bwd(dy, y, bits, tanh_form)
+    for shift in range(1, 8):
+        part_bits = reference.pack_bits(left[shift:])
+        part = kernels.gelu_bwd(dy[shift:].contiguous(), y[shift:].contiguous(), part_bits, tanh_form)
+        assert torch.equal(part.view(-1).view(torch.uint8), dx[shift:].view(-1).view(torch.uint8)), shift
+
+
 def test_non_contiguous_input():
     base = torch.randn(64, 48, requires_grad=True)
     x = base.t()[::2]
