@@ -176,7 +176,7 @@ def test_shapes_including_empty_and_ragged(shape, poison):
 
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_newton_backward_does_not_depend_on_an_elements_neighbours(dtype, approximate):
+def test_newton_backward_does_not_depend_on_an_elements_neighbours(dtype, approximate, poison):
     """The CPU kernel inverts the 8 elements of a byte of bits in lockstep; each element's result
     must be its own, bit for bit, whichever byte and lane it falls in and however full that byte
     is. Shifting the tensor by 1 to 7 elements moves every element to another lane (and the last
