@@ -135,7 +135,7 @@ struct GeluTanh : GeluForm<GeluTanh> {
 // math (16-bit storage) that floor is reached in 3 steps, with fp64 math (fp32 storage) in 5
 // (tests/test_gelu.py::test_backward_matches_exact_output_based_gradient holds each dtype to it).
 // Each step costs one GELU'(x) with GELU(x) beside it (one erfc and one exp, or one sigmoid), a
-// sqrt and a division, so the count sets the backward's cost.
+// sqrt (a log on the tail) and a division, so the count sets the backward's cost.
 template <typename T>
 constexpr int gelu_newton_steps() { return sizeof(T) >= 8 ? 5 : 3; }
 
@@ -151,23 +151,23 @@ constexpr double kGeluTailThreshold = -0.05;
 // operations overlap. Both take the same operations in the same order on each element.
 template <typename Form, typename T>
 struct GeluInversion {
-    T y;
-    T x;          // the current iterate
-    T target;     // sqrt(y - y_min), the goal of the sqrt coordinates
-    T log_neg_y;  // log(-y), the goal of the log coordinates (tail only)
-    bool left;
-    bool tail;
-    bool running;  // false once a step was not taken: no further step is either
+    T y = T(0);
+    T x = T(0);          // the current iterate
+    T target = T(0);     // sqrt(y - y_min), the goal of the sqrt coordinates
+    T log_neg_y = T(0);  // log(-y), the goal of the log coordinates (tail only)
+    bool left = false;
+    bool tail = false;
+    bool running = false;  // false once a step was not taken: no further step is either
 
     // an inversion with nothing to do (a placeholder in an array)
-    TEMPO_HD GeluInversion() : y(0), x(0), target(0), log_neg_y(0), left(false), tail(false), running(false) {}
+    GeluInversion() = default;
 
-    TEMPO_HD GeluInversion(T y_, bool left_) : y(y_), target(0), log_neg_y(0), left(left_) {
+    TEMPO_HD GeluInversion(T y_, bool left_) : y(y_), left(left_) {
         const T y_min = T(Form::y_min);
         const T x_star = T(Form::x_star);
         tail = left && y > T(kGeluTailThreshold);
         // NaN / Inf, or GELU underflowed on the tail: derivative() needs no x
-        running = t_isfinite(y) && !(tail && !(y < T(0)));
+        running = t_isfinite(y) && !underflowed();
         if (!running) {
             x = y;
             return;
@@ -184,6 +184,9 @@ struct GeluInversion {
             x = t_fmax(x_star + spread() * target, y);
         }
     }
+
+    // GELU underflowed to 0 (or rounded above it) on the tail: x is so negative that GELU'(x) ~ 0
+    TEMPO_HD bool underflowed() const { return tail && !(y < T(0)); }
 
     // dx ~ sqrt(2 / curvature) * sqrt(y - y_min) near the minimum
     static TEMPO_HD T spread() { return T(1.0) / t_sqrt(T(0.5) * T(Form::curvature)); }
@@ -214,10 +217,10 @@ struct GeluInversion {
     }
 
     // GELU'(x) at the last iterate. A non-finite output gives the derivative of itself (NaN / Inf
-    // propagate); GELU underflowed to 0 on the tail means x is so negative that GELU'(x) ~ 0.
+    // propagate).
     TEMPO_HD T derivative() const {
         if (!t_isfinite(y)) return Form::derivative(y);
-        if (tail && !(y < T(0))) return T(0);
+        if (underflowed()) return T(0);
         return Form::derivative(x);
     }
 };
