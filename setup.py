@@ -74,7 +74,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pyflakes>=3"],
+        # `tokenizers` reads Hugging Face tokenizer folders for python -m tempo_ds.data.preprocess
+        # (encode_batch_fast came in 0.20); the test extra has it so CI runs those tests.
+        "data": ["tokenizers>=0.20"],
+        "test": ["pytest>=8", "pyflakes>=3", "tokenizers>=0.20"],
         "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,

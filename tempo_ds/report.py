@@ -5,26 +5,38 @@ build exists (prebuilt or JIT-cached), whether it is loaded in this process, and
 serves. `--load` builds/loads every compatible op first (JIT on first use, cached afterwards);
 `--parallel` builds them in one process each, all at once, before loading them here (ninja runs
 each build's compilations in parallel already; this overlaps the builds themselves).
+
+Only the ops of the devices present are loaded: on a machine without a GPU the CUDA rows say
+"not applicable: no GPU" (and still whether they are compatible and built). The exit status is 1
+when an op of a present device failed to build or load, 0 otherwise.
 """
 import argparse
 import subprocess
 import sys
+import time
 
 import torch
 
 
+def device_present(device):
+    """True when this machine has a device of type `device` ('cpu' or 'cuda') to run ops on."""
+    return device == "cpu" or torch.cuda.is_available()
+
+
 def rows(load=False, failed=None):
-    """One dict per op builder. failed: {op name: error} of builds already tried (not retried)."""
+    """One dict per op builder. failed: {op name: error} of builds already tried (not retried).
+    Only ops of a present device are loaded; the others get a note saying why not."""
     from .op_builder import FAMILIES
     out = []
     for family, (cpu_cls, cuda_cls) in FAMILIES.items():
         for device, cls in (("cpu", cpu_cls), ("cuda", cuda_cls)):
             builder = cls()
             compatible = builder.is_compatible(verbose=False)
+            runnable = device_present(device)
             error = ""
             if failed and builder.NAME in failed:
                 error = "build failed (its log is printed above)"
-            elif load and compatible:
+            elif load and compatible and runnable:
                 try:
                     builder.load(verbose=False)
                 except Exception as err:  # report, don't stop: the table is the point
@@ -33,28 +45,41 @@ def rows(load=False, failed=None):
                 "family": family, "op": builder.NAME, "device": device,
                 "compatible": compatible, "built": builder.is_built(),
                 "loaded": builder.is_loaded(), "prebuilt": builder.prebuilt() is not None,
-                "runnable": device == "cpu" or torch.cuda.is_available(), "error": error,
+                "runnable": runnable, "error": error,
+                "note": "" if runnable else "not applicable: no GPU",
             })
     return out
 
 
 def build_in_parallel():
-    """JIT-build every compatible op, each in its own process, all at once; their cached builds
-    then load here in a fraction of a second. Returns {op name: error text} for failed builds."""
+    """JIT-build every compatible op of a present device, each in its own process, all at once;
+    their cached builds then load here in a fraction of a second. Returns {op name: error text}
+    for failed builds."""
     from .op_builder import FAMILIES
+    from .op_builder.progress import say
     code = ("import sys; from tempo_ds.op_builder import FAMILIES; "
             "FAMILIES[sys.argv[1]][int(sys.argv[2])]().load(verbose=False)")
-    procs = {}
+    procs, building = {}, []
+    start = time.perf_counter()
     for family, classes in FAMILIES.items():
-        for index, cls in enumerate(classes):
-            if cls().is_compatible(verbose=False):
+        for index, (device, cls) in enumerate(zip(("cpu", "cuda"), classes)):
+            builder = cls()
+            if device_present(device) and builder.is_compatible(verbose=False):
+                if builder.prebuilt() is None and not builder.jit_cached():
+                    building.append(cls.NAME)
                 procs[cls.NAME] = subprocess.Popen([sys.executable, "-c", code, family, str(index)],
                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the builds' own messages go to their captured output: say here what runs
+    if building:
+        say(f"building {', '.join(building)} in parallel: the first build takes minutes; later loads "
+            "take under a second")
     errors = {}
     for name, proc in procs.items():
         out, _ = proc.communicate()
         if proc.returncode:
             errors[name] = out[-3000:]
+    if building:
+        say(f"parallel builds done in {time.perf_counter() - start:.1f} s")
     return errors
 
 
@@ -86,8 +111,10 @@ def main(argv=None):
     for r in rows(args.load, failed):
         print(f"{r['op']:<20}{r['device']:<8}{yes(r['compatible']):<12}{yes(r['built']):<8}"
               f"{yes(r['prebuilt']):<10}{yes(r['loaded']):<8}{yes(r['runnable']):<10}"
-              + (f" error: {r['error']}" if r["error"] else ""))
-        any_error |= bool(r["error"])
+              + (f" error: {r['error']}" if r["error"] else "")
+              + (f" {r['note']}" if r["note"] else ""))
+        # a failure on a device this machine lacks is reported, but is not this machine's failure
+        any_error |= bool(r["error"]) and r["runnable"]
     return 1 if any_error else 0
 
 

@@ -30,6 +30,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def megatron_world():
+    """tempo_ds.workload.distributed() for one test module: a one-process gloo group, megatron's
+    parallel state and RNG tracker, and (without CUDA) the CPU patches, all undone when the
+    module's tests are done. Yields the device."""
+    pytest.importorskip("megatron.core")
+    from tempo_ds import workload
+    with workload.distributed() as device:
+        yield device
+
+
 @pytest.fixture
 def poison():
     """Compiled kernels fill their fresh outputs with NaN while the test runs, so a kernel that

@@ -1,38 +1,37 @@
-"""Shared helpers for tests that build megatron-core models on CPU: tiny sizes, process groups,
-multi-process runs, and gathering tensor-parallel shards."""
+"""Shared helpers for tests that build megatron-core models (through tempo_ds.workload) on CPU:
+tiny sizes, multi-process runs, and gathering tensor-parallel shards. A test module that builds
+models in this process uses conftest's `megatron_world` fixture for the process group."""
 import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tempo_ds import workload
 from tempo_ds.megatron.parallel import free_local_port
-from tempo_ds.memory import models
 
 # Small enough for seconds on 2 shared cores, large enough for 2 heads per TP rank at TP=2.
-TINY = dict(layers=2, hidden=64, heads=4)
+TINY = workload.Shape(num_layers=2, hidden_size=64, num_attention_heads=4)
 VOCAB = 128
 SEQ = 32
 BATCH = 2
 
 
-def init_single_process():
-    """One-process gloo group, TP=1, enable_cpu(); idempotent (the test session shares it)."""
-    models.init_distributed()
-
-
 def tiny_config(**overrides):
-    return models.model_config(**{**TINY, **overrides})
+    """workload.model_config of the TINY shape; `overrides` are its arguments or config fields."""
+    return workload.model_config(TINY, **overrides)
 
 
-def build(arch, spec, config, seed=0, attention="auto"):
-    """Model with weights drawn from `seed` (same seed, same weights for either spec)."""
+def build(arch, spec, config, seed=0, attention="auto", vocab_size=VOCAB):
+    """Model with weights drawn from `seed` (same seed, same weights for either spec); the
+    vocabulary is padded to a multiple of 128 x TP (workload.padded_vocab_size)."""
     torch.manual_seed(seed)
-    return models.build_model(arch, spec, config, vocab_size=VOCAB, max_seq=SEQ, attention=attention)
+    return workload.build_model(arch, config, spec=spec, attention=attention, vocab_size=vocab_size,
+                                seq_length=SEQ)
 
 
 def batch(arch, seed=0):
-    return models.make_batch(arch, BATCH, SEQ, VOCAB, seed=seed)
+    return workload.make_batch(arch, BATCH, SEQ, VOCAB, seed=seed)
 
 
 def reseed(seed):
@@ -64,11 +63,11 @@ def _worker(rank, world_size, port, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from tempo_ds.megatron import enable_cpu
-    enable_cpu()
+    from tempo_ds.megatron import cpu_patches
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        fn(rank, world_size, *args)
+        with cpu_patches():
+            fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 

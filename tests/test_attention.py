@@ -6,7 +6,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tempo_ds import ops
-from tempo_ds.megatron.parallel import free_local_port
 from tempo_ds.memory import SavedTensorLedger
 from tempo_ds.ops import _backend
 from tempo_ds.ops.dropout import record_dropout_masks
@@ -286,31 +285,10 @@ def test_empty_tensors(poisoned, scores_shape, v_shape):
 # -- TempoCoreAttention against Megatron's DotProductAttention ----------------------------------
 
 @pytest.fixture(scope="module")
-def megatron():
-    """A single-process gloo world, Megatron's parallel state and its RNG tracker on CPU."""
-    pytest.importorskip("megatron.core")
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from tempo_ds.megatron.cpu import enable_cpu
-
-    undo = enable_cpu()
-    created = not dist.is_initialized()
-    if created:
-        # init_method rather than MASTER_* variables: those would leak into every later
-        # subprocess of the test session and point it at this group's port
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_local_port()}",
-                                rank=0, world_size=1)
-    owns_state = not parallel_state.model_parallel_is_initialized()
-    if owns_state:
-        parallel_state.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    if owns_state:
-        parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
-    undo()
+def megatron(megatron_world):
+    """A single-process gloo world, Megatron's parallel state and its RNG tracker (conftest's
+    megatron_world: tempo_ds.workload.distributed(), with the CPU patches on CPU)."""
+    return megatron_world
 
 
 def make_config(**overrides):

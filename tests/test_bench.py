@@ -1,6 +1,7 @@
 """The evidence tooling: the batch search, the train benchmark's CPU configuration end to end, the
 convergence command. Nothing here is timed and nothing asserts a speed."""
 import csv
+import glob
 import json
 import math
 import os
@@ -10,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from tempo_ds.bench import train
+from tempo_ds.bench import train, train_report, train_variant
+from tempo_ds.bench.train_types import LedgerSummary, Report, RunConfig, TimedPoint, VariantResult
 from tempo_ds.bench.search import largest_fitting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,34 +63,38 @@ def test_units_flops_and_peaks():
     assert train.parse_bytes("2e9") == 2 * 10 ** 9
     with pytest.raises(ValueError, match="16 parsecs"):
         train.parse_bytes("16 parsecs")
-    # the dense bf16 peaks of NVIDIA's H100 datasheet (SXM and PCIe), as bench/train.py lists them
-    assert train.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert train.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert train.bf16_peak_flops("Some Future GPU") is None
+    # the dense bf16 peaks of NVIDIA's H100 datasheet (SXM and PCIe), as bench/train_variant.py lists them
+    assert train_variant.bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert train_variant.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert train_variant.bf16_peak_flops("Some Future GPU") is None
     # GPT-2 345M-like: 6N dominates; the attention term is 12 L h s
-    assert train.flops_per_token(1000, 2, 8, 16) == 6000 + 12 * 2 * 8 * 16
+    assert train_variant.flops_per_token(1000, 2, 8, 16) == 6000 + 12 * 2 * 8 * 16
 
 
 def _report(model, budget, rows):
-    """A report with the fields check_targets reads."""
+    """A report with the fields check_targets reads set."""
     results = []
     for variant, (act, largest, sps) in rows.items():
-        results.append({"variant": variant, "activation_per_sample_allocator_bytes": act,
-                        "largest_micro_batch": largest, "best": {"samples_per_s": sps}})
-    return {"config": {"model": model, "memory_budget": budget, "cpu_sized": False, "common_mb": 8},
-            "results": results}
+        best = TimedPoint(micro_batch=largest, steps=1, seconds=largest / sps, samples_per_s=sps,
+                          tokens_per_s=sps * 1024, losses=[], peak_bytes=None)
+        results.append(VariantResult(variant=variant, description=variant, largest_micro_batch=largest,
+                                     activation_per_sample_allocator_bytes=act, best=best))
+    config = RunConfig(model=model, size="345m", layers=24, hidden=1024, heads=16, seq=1024, vocab=50257,
+                       common_mb=8, steps=4, warmup=1, cap=1024, memory_budget=budget, dropout=0.1,
+                       seed=1234, zero_stage=None, cpu_sized=False)
+    return Report(machine={}, config=config, results=results)
 
 
 def test_targets_are_judged_from_the_report():
     report = _report("gpt2", None, {"stock": (400, 16, 40.0), "selective": (130, 50, 30.0),
                                     "tempo-flash": (90, 70, 65.0)})
-    verdicts = {name: (round(ratio, 3), met) for name, ratio, _, met in train.check_targets(report)}
+    verdicts = {name: (round(ratio, 3), met) for name, ratio, _, met in train_report.check_targets(report)}
     assert verdicts["tempo-flash / stock: activation bytes/sample (allocator)"] == (0.225, True)
     assert verdicts["tempo-flash / stock: largest micro-batch"] == (4.375, True)
     assert verdicts["tempo-flash / stock: samples/s at own largest micro-batch"] == (1.625, True)
     assert verdicts["tempo-flash / selective: samples/s at own largest micro-batch"] == (2.167, True)
     budgeted = _report("bert", 16 * 2 ** 30, {"stock": (1, 4, 100.0), "tempo-flash": (1, 12, 110.0)})
-    (name, ratio, _, met), = train.check_targets(budgeted)
+    (name, ratio, _, met), = train_report.check_targets(budgeted)
     assert "under the budget" in name and met is False
 
 
@@ -243,6 +249,49 @@ def test_ops_gpu_run_records_both_measures():
         x_bytes = math.prod(row["shape"][0]) * torch.tensor([], dtype=torch.bfloat16).element_size()
         assert row["ours"]["peak_bytes"] >= 2 * x_bytes and row["stock"]["peak_bytes"] >= 2 * x_bytes
     assert any("device time" in what for what, *_ in ops.check_targets(report))
+
+
+H100_TRAIN_REPORTS = sorted(glob.glob(os.path.join(ROOT, "docs", "results", "*", "train_*.json")))
+
+
+@pytest.mark.parametrize("path", H100_TRAIN_REPORTS, ids=os.path.basename)
+def test_stored_train_reports_load_typed_and_round_trip(path):
+    """The reports the H100 runs wrote load into the typed Report, and write back field for field
+    (a failed variant's `error`, absent from successful rows there, comes back as null)."""
+    with open(path) as f:
+        stored = json.load(f)
+    report = Report.load(path)
+    assert report.tag == stored["tag"] and len(report.results) == len(stored["results"]) > 0
+    assert all(isinstance(r.common, TimedPoint) and isinstance(r.ledger, LedgerSummary) for r in report.results)
+    again = report.to_dict()
+    for written, row in zip(again["results"], stored["results"]):
+        assert {k: v for k, v in written.items() if not (k == "error" and v is None)} == row
+    assert again["config"] == stored["config"] and again["machine"] == stored["machine"]
+    assert "targets (H100 bf16):" in train_report.format_report(report)
+
+
+def test_train_config_names_bad_fields_and_round_trips():
+    config = _report("gpt2", None, {}).config
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="hidden=100 is not divisible by heads=3"):
+        RunConfig(**dict(config.to_dict(), hidden=100, heads=3))
+    with pytest.raises(ValueError, match="steps=0"):
+        RunConfig(**dict(config.to_dict(), steps=0))
+    with pytest.raises(ValueError, match=r"unknown fields \['sequence'\]"):
+        RunConfig.from_dict(dict(config.to_dict(), sequence=1))
+
+
+def test_targets_file_names_report_columns():
+    """docs/results/targets.json: every target reads a CSV column, compares with <= or >=, and
+    names variants the benchmark has."""
+    targets = train_report.load_targets()
+    assert targets and {t.model for t in targets} == {"gpt2", "bert"}
+    columns = set(train_report.csv_rows(_report("gpt2", None, {"stock": (1, 1, 1.0)}))[0])
+    for t in targets:
+        assert t.quantity in columns and t.op in ("<=", ">=")
+        assert {t.numerator, t.denominator} <= set(train.VARIANTS)
+    with pytest.raises(ValueError, match="op='<'"):
+        train_report.Target("gpt2", "x", "tempo", "stock", "largest_micro_batch", "<", 1.0, False)
 
 
 def test_train_benchmark_cpu_end_to_end(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from tempo_ds import report
 from tempo_ds.op_builder import FAMILIES, TempoCPUOpBuilder, TempoCUDAOpBuilder
-from tempo_ds.ops import _backend, reference
+from tempo_ds.ops import _backend
 
 CPU_BUILDERS = [pair[0] for pair in FAMILIES.values()]
 CUDA_BUILDERS = [pair[1] for pair in FAMILIES.values()]
@@ -21,7 +21,7 @@ def test_cpu_op_builds_and_exports_the_fallbacks_functions(cls):
     module = builder.load()
     family = next(f for f, pair in FAMILIES.items() if pair[0] is cls)
     # the compiled module and the PyTorch fallback offer the same kernels
-    expected = {k for k in vars(reference.FALLBACKS[family])}
+    expected = {k for k in vars(_backend.FALLBACKS[family])}
     assert expected <= set(dir(module)), expected - set(dir(module))
     assert builder.is_built() and builder.is_loaded()
 
@@ -36,7 +36,7 @@ def test_cuda_op_compiles(cls, monkeypatch):
     assert builder.is_compatible(verbose=True), builder.error_log
     module = builder.load()
     family = next(f for f, pair in FAMILIES.items() if pair[1] is cls)
-    assert {k for k in vars(reference.FALLBACKS[family])} <= set(dir(module))
+    assert {k for k in vars(_backend.FALLBACKS[family])} <= set(dir(module))
 
 
 @pytest.mark.parametrize("arch_list,flags,torch_list", [
@@ -77,7 +77,7 @@ def test_report_main_passes_the_parallel_failures_on(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(report, "rows", lambda load, given=None: seen.append((load, given)) or [
         {"op": CPU_BUILDERS[0].NAME, "device": "cpu", "compatible": True, "built": False, "prebuilt": False,
-         "loaded": False, "runnable": False, "error": "build failed (its log is printed above)"}])
+         "loaded": False, "runnable": True, "error": "build failed (its log is printed above)", "note": ""}])
     assert report.main(["--load", "--parallel"]) == 1
     assert seen == [(True, failed)]
     assert "the compiler's log" in capsys.readouterr().out
@@ -137,9 +137,9 @@ CPU_ENTRY_POINTS = {
                                                           _meta(8, dtype=torch.bfloat16),
                                                           _meta(1, dtype=torch.uint8), _meta(2, 1 << 16))),
     "layer_norm_fwd": ("core", lambda k: k.layer_norm_fwd(_meta(2, 4), None, None, 1e-5)),
-    "layer_norm_bwd": ("core", lambda k: k.layer_norm_bwd(_meta(2, 4), _meta(2, 4), _meta(2), None, None)),
+    "layer_norm_bwd": ("core", lambda k: k.layer_norm_bwd(_meta(2, 4), _meta(2, 4), _meta(2), None, None, True)),
     "rms_norm_fwd": ("core", lambda k: k.rms_norm_fwd(_meta(2, 4), None, 1e-5)),
-    "rms_norm_bwd": ("core", lambda k: k.rms_norm_bwd(_meta(2, 4), _meta(2, 4), _meta(2), None)),
+    "rms_norm_bwd": ("core", lambda k: k.rms_norm_bwd(_meta(2, 4), _meta(2, 4), _meta(2), None, True)),
     "dropout_fwd": ("dropout", lambda k: k.dropout_fwd(_meta(8), _meta(1, **_SEED), 0.1)),
     "dropout_mask": ("dropout", lambda k: k.dropout_mask(_meta(1, **_SEED), 8, 0.1)),
     "dropout_mask_block": ("dropout", lambda k: k.dropout_mask_block(_meta(1, **_SEED), 0.1, 0, 1, 1, 1, 1, 1)),
@@ -276,3 +276,130 @@ def test_stale_prebuilt_module_is_set_aside(tmp_path, monkeypatch):
             prepare_ops(TempoConfig(build="prebuilt"), "cpu")
     finally:
         sys.modules.pop(cls.NAME, None)
+
+
+class _FakeJit:
+    """Stands in for DeepSpeed's jit_load: writes the library and build.ninja a build leaves."""
+
+    def __init__(self, builder, flags):
+        self.builder, self.flags, self.calls = builder, flags, 0
+
+    def __call__(self, verbose=False):
+        from tempo_ds.op_builder.progress import jit_build_dir
+        self.calls += 1
+        build_dir = jit_build_dir(self.builder.NAME)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # in this order, as torch writes build.ninja and ninja then links the library
+        (build_dir / "build.ninja").write_text("cflags = " + " ".join(self.flags) + "\n")
+        (build_dir / f"{self.builder.NAME}.so").write_bytes(b"")
+        return object()
+
+
+@pytest.fixture
+def fresh_builder(tmp_path, monkeypatch):
+    """A CPU builder with an empty JIT cache, nothing prebuilt and nothing loaded in this process."""
+    from tempo_ds.op_builder.builder import TempoBuilderMixin
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(TempoBuilderMixin, "_tempo_loaded", {})
+    builder = CPU_BUILDERS[0]()
+    monkeypatch.setattr(builder, "prebuilt", lambda: None)
+    fake = _FakeJit(builder, builder.digest_flags())
+    monkeypatch.setattr(builder, "jit_load", fake)
+    return builder, fake
+
+
+def test_a_jit_build_says_what_builds_and_how_long_it_took(fresh_builder, capsys):
+    builder, fake = fresh_builder
+    assert not builder.jit_cached()
+    builder.load()
+    err = capsys.readouterr().err
+    assert fake.calls == 1
+    family = next(f for f, pair in FAMILIES.items() if pair[0] is type(builder))
+    assert f"building op family {family!r} for cpu ({builder.NAME})" in err
+    assert "the first build takes minutes; later loads take under a second" in err
+    assert f"built {builder.NAME} in " in err
+
+
+def test_a_cached_load_says_nothing(fresh_builder, capsys, monkeypatch):
+    from tempo_ds.op_builder.builder import TempoBuilderMixin
+    builder, fake = fresh_builder
+    builder.load()
+    capsys.readouterr()
+    monkeypatch.setattr(TempoBuilderMixin, "_tempo_loaded", {})  # a new process, same cache
+    assert builder.jit_cached()
+    builder.load()
+    assert fake.calls == 2 and capsys.readouterr().err == ""
+
+
+def test_a_cache_of_other_sources_counts_as_a_build(fresh_builder, capsys, monkeypatch):
+    """A library built from other sources (another digest in build.ninja) is rebuilt: announced."""
+    from tempo_ds.op_builder.builder import TempoBuilderMixin
+    builder, fake = fresh_builder
+    fake.flags = ["-DTEMPO_SOURCE_DIGEST=0x0000000000000000ULL"]
+    builder.load()
+    capsys.readouterr()
+    monkeypatch.setattr(TempoBuilderMixin, "_tempo_loaded", {})  # a new process, same cache
+    assert not builder.jit_cached()
+    builder.load()
+    assert "building op family" in capsys.readouterr().err
+
+
+def test_an_unfinished_build_counts_as_a_build(fresh_builder, capsys, monkeypatch):
+    """build.ninja newer than the library: a build was interrupted after torch wrote its build
+    file (with the current digest) and before it linked; loading builds, so it is announced."""
+    from tempo_ds.op_builder.builder import TempoBuilderMixin
+    from tempo_ds.op_builder.progress import jit_build_dir
+    builder, fake = fresh_builder
+    builder.load()
+    capsys.readouterr()
+    build_dir = jit_build_dir(builder.NAME)
+    library = build_dir / f"{builder.NAME}.so"
+    os.utime(library, (library.stat().st_atime, (build_dir / "build.ninja").stat().st_mtime - 10))
+    monkeypatch.setattr(TempoBuilderMixin, "_tempo_loaded", {})
+    assert not builder.jit_cached()
+    builder.load()
+    assert "building op family" in capsys.readouterr().err
+
+
+def test_a_slow_load_of_a_cached_op_says_how_long_it_took(fresh_builder, capsys, monkeypatch):
+    from tempo_ds.op_builder import progress
+    from tempo_ds.op_builder.builder import TempoBuilderMixin
+    builder, fake = fresh_builder
+    builder.load()
+    capsys.readouterr()
+    monkeypatch.setattr(TempoBuilderMixin, "_tempo_loaded", {})
+    monkeypatch.setattr(progress, "SLOW_LOAD_S", -1.0)  # every load is "slow"
+    builder.load()
+    err = capsys.readouterr().err
+    assert f"loaded {builder.NAME} in " in err and "building op family" not in err
+
+
+@pytest.mark.parametrize("rank,prints", [("0", True), ("1", False), ("3", False)])
+def test_only_rank_0_prints(fresh_builder, capsys, monkeypatch, rank, prints):
+    builder, _ = fresh_builder
+    monkeypatch.setenv("RANK", rank)
+    builder.load()
+    assert ("building" in capsys.readouterr().err) == prints
+
+
+def test_deepspeed_shm_build_is_announced_when_not_cached(tmp_path, monkeypatch, capsys):
+    """build_deepspeed_shm_op loads DeepSpeed's own shm op through DeepSpeed's builder, so that
+    deepspeed.initialize then finds it loaded, and says so when the cache cannot serve it."""
+    from deepspeed.accelerator import get_accelerator
+
+    from tempo_ds.op_builder import build_deepspeed_shm_op, progress
+    builder_cls = get_accelerator().create_op_builder(progress.SHM_BUILDER).__class__
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("RANK", raising=False)
+    loaded = object()
+    monkeypatch.setattr(builder_cls, "load", lambda self, verbose=False: loaded)
+    assert build_deepspeed_shm_op() is loaded
+    err = capsys.readouterr().err
+    assert "building DeepSpeed's shared-memory communication op (deepspeed_shm_comm)" in err
+    assert "built deepspeed_shm_comm in " in err
+    # with a library in the cache it loads without a word
+    (tmp_path / "deepspeed_shm_comm").mkdir(exist_ok=True)
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert build_deepspeed_shm_op() is loaded
+    assert capsys.readouterr().err == ""

@@ -88,6 +88,8 @@ def test_prebuilt_missing_is_a_clear_error():
 
 
 def test_same_signature_as_deepspeed():
+    """deepspeed.initialize's parameters, in order with their defaults, plus the keyword-only
+    `tempo` (a TempoConfig parsed already)."""
     import inspect
 
     import deepspeed
@@ -95,7 +97,9 @@ def test_same_signature_as_deepspeed():
     import tempo_ds
     ours = inspect.signature(tempo_ds.initialize).parameters
     theirs = inspect.signature(deepspeed.initialize).parameters
-    assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in theirs.values()]
+    shared = [p for p in ours.values() if p.kind != p.KEYWORD_ONLY]
+    assert [(p.name, p.default) for p in shared] == [(p.name, p.default) for p in theirs.values()]
+    assert [(p.name, p.default) for p in ours.values() if p.kind == p.KEYWORD_ONLY] == [("tempo", None)]
 
 
 def test_import_tempo_ds_stays_light():
@@ -191,3 +195,75 @@ def test_sequence_parallel_under_zero_2_and_3_is_refused(stage, caplog):
     with caplog.at_level(logging.WARNING, logger="tempo_ds"):
         _check_sequence_parallel(model, config, _TwoRankMPU())
     assert "allreduce_sequence_parallel_grads" in caplog.text
+
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch):
+    """deepspeed.initialize and the op builds replaced for the test: the calls DeepSpeed would get
+    are recorded, so initialize's own work runs in a second instead of DeepSpeed's ~30-80 s."""
+    from tempo_ds.deepspeed import engine
+    handed = []
+    monkeypatch.setattr(engine.deepspeed, "initialize",
+                        lambda **kwargs: handed.append(kwargs) or (kwargs["model"], None, None, None))
+    monkeypatch.setattr(engine, "prepare_ops", lambda config, device_type: [])
+    return handed
+
+
+def test_tempo_is_parsed_once_per_process(monkeypatch, fake_deepspeed):
+    """initialize parses "tempo" once and hands the TempoConfig down; a caller that parsed it
+    (split_config, as the trainer does) passes it as tempo= and it is not parsed again; tempo=
+    and a config key that disagree are refused before anything is swapped."""
+    import tempo_ds
+    from tempo_ds.modules import TempoGELU
+    parsed = []
+    parse = TempoConfig.parse.__func__
+    monkeypatch.setattr(TempoConfig, "parse", classmethod(lambda cls, value: parsed.append(value) or parse(cls, value)))
+    base = {"train_micro_batch_size_per_gpu": 1}
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.GELU(), nn.Dropout(0.1))
+    tempo_ds.initialize(model=model, config={**base, "tempo": {"dropout": False}})
+    assert parsed == [{"dropout": False}] and fake_deepspeed[-1]["config"] == base
+    assert isinstance(model[1], TempoGELU) and type(model[2]) is nn.Dropout
+    assert model.tempo_config == TempoConfig(dropout=False)
+
+    tempo, rest = split_config({**base, "tempo": True})
+    assert len(parsed) == 2
+    model = nn.Sequential(nn.Linear(2, 2), nn.GELU())
+    tempo_ds.initialize(model=model, config=rest, tempo=tempo)
+    assert len(parsed) == 2 and isinstance(model[1], TempoGELU) and fake_deepspeed[-1]["config"] == base
+
+    tempo_ds.initialize(model=nn.Sequential(nn.GELU()), config={**base, "tempo": True}, tempo=tempo)
+    assert fake_deepspeed[-1]["config"] == base  # agreeing: accepted, the key stripped
+    model = nn.Sequential(nn.Linear(2, 2), nn.GELU())
+    with pytest.raises(TempoConfigError, match=r'tempo=TempoConfig\(.*\) disagrees with the config\'s "tempo"'):
+        tempo_ds.initialize(model=model, config={**base, "tempo": {"gelu": False}}, tempo=tempo)
+    assert type(model[1]) is nn.GELU
+    with pytest.raises(TypeError, match="tempo= must be a TempoConfig"):
+        tempo_ds.initialize(model=model, config=base, tempo=True)
+
+
+def test_initialize_prints_the_swap_report_by_default(tmp_path):
+    """In a fresh process with no logging set up, tempo_ds.initialize prints its swap report on
+    stderr: INFO for the kinds swapped cleanly, WARNING for attention left stock (no Tempo twin
+    for nn.MultiheadAttention). Swapping a plain PyTorch model imports no Megatron."""
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "import deepspeed\n"
+        "from torch import nn\n"
+        "import tempo_ds\n"
+        "from tempo_ds.deepspeed import engine\n"
+        "deepspeed.initialize = lambda **kwargs: (kwargs['model'], None, None, None)\n"
+        "engine.prepare_ops = lambda config, device_type: []\n"
+        "model = nn.Sequential(nn.MultiheadAttention(4, 2), nn.LayerNorm(4), nn.GELU())\n"
+        "tempo_ds.initialize(model=model, config={'train_micro_batch_size_per_gpu': 1, 'tempo': True})\n"
+        "assert 'megatron' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert "INFO tempo_ds: swap gelu: swapped 1, no stock ones left" in lines
+    assert "INFO tempo_ds: swap layernorm: swapped 1, no stock ones left" in lines
+    assert ("WARNING tempo_ds: swap attention: swapped 0, left 1 stock: nn.MultiheadAttention has no "
+            "Tempo twin (1, e.g. 0)") in lines

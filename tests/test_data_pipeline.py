@@ -51,11 +51,11 @@ def test_wordpiece_masking_targets_words(tmp_path):
     targets = candidates = replaced = 0
     for i in range(len(ds)):
         item = ds[i]
-        text, labels, loss = item["text"], item["labels"], item["loss_mask"].bool()
+        text, labels, loss = item["tokens"], item["labels"], item["loss_mask"].bool()
         target_ids = set(labels[loss].tolist())
         assert not target_ids & specials, target_ids & specials
         targets += int(loss.sum())
-        candidates += int(item["padding_mask"].sum()) - 3  # less [CLS] and the two [SEP]s
+        candidates += int(item["attention_mask"].sum()) - 3  # less [CLS] and the two [SEP]s
         swapped = text[loss & (text != labels) & (text != tok.mask)].tolist()
         assert all(0 <= t < tok.vocab_size and t not in specials for t in swapped), swapped
         replaced += len(swapped)
@@ -75,10 +75,10 @@ def test_random_next_sentence_comes_from_another_document(tmp_path):
             continue
         n_random += 1
         loss = item["loss_mask"].bool()
-        original = torch.where(loss, item["labels"], item["text"])
-        words = (original >= 1000) & item["padding_mask"].bool()
-        doc_a = set(((original[words & (item["types"] == 0)] - 1000) // 1000).tolist())
-        doc_b = set(((original[words & (item["types"] == 1)] - 1000) // 1000).tolist())
+        original = torch.where(loss, item["labels"], item["tokens"])
+        words = (original >= 1000) & item["attention_mask"].bool()
+        doc_a = set(((original[words & (item["tokentype_ids"] == 0)] - 1000) // 1000).tolist())
+        doc_b = set(((original[words & (item["tokentype_ids"] == 1)] - 1000) // 1000).tolist())
         assert len(doc_a) == 1 and len(doc_b) == 1 and doc_a != doc_b, (i, doc_a, doc_b)
     assert n_random > 100
 

@@ -234,7 +234,7 @@ def test_memory_contract_keeps_only_the_seed():
 
 def test_module_from_torch_and_swap():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3), nn.Dropout(1.0)).eval()
-    counts = swap_modules(model)
+    counts = swap_modules(model).swapped
     assert counts == {"dropout": 1}
     assert isinstance(model[1], TempoDropout) and model[1].p == 0.3 and not model[1].training
     assert isinstance(model[2], nn.Dropout)

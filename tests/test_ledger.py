@@ -10,7 +10,7 @@ import torch
 from tempo_ds import ops
 from tempo_ds.memory import SavedTensorLedger, category_of, measure
 from tempo_ds.memory.ledger import _storage_key
-from tempo_ds.modules import TempoGELU
+from tempo_ds.modules import TempoDropout, TempoGELU
 
 
 class Block(torch.nn.Module):
@@ -64,8 +64,52 @@ def test_categories():
     assert category_of("NativeLayerNorm") == "norm"
     assert category_of("GeluFunction") == "gelu"
     assert category_of("Addmm") == "matmul"
-    assert category_of("SoftmaxDropoutMatmulFunction") == "softmax"
+    # attention, not "softmax": Tempo's softmax-dropout-matmul keeps what stock attention's
+    # softmax, dropout and matmul keep, so the two are compared in one row
+    assert category_of("SoftmaxDropoutMatmulFunction") == "attention"
     assert category_of("Whatever") == "other"
+
+
+def test_categories_by_module_and_function():
+    # everything the attention core keeps is attention, whichever op saves it
+    for op in ("Bmm", "Softmax", "Mul", "MaskedFill"):
+        assert category_of(op, "decoder.layers.0.self_attention.core_attention.attention_dropout") == "attention"
+    # stock dropout on CPU saves its mask as a Mul's operand: dropout by the function running...
+    assert category_of("Mul", "decoder.layers.0", "dropout") == "dropout"
+    # ...or by the module saving it
+    assert category_of("Mul", "embedding.embedding_dropout") == "dropout"
+    assert category_of("Mul", "decoder.layers.0", "__mul__") == "elementwise"
+    assert category_of("NativeLayerNorm", "decoder.layers.0.input_layernorm", "layer_norm") == "norm"
+
+
+@pytest.mark.parametrize("stock,tempo", [
+    (lambda: torch.nn.Dropout(0.5), lambda: TempoDropout(0.5)),
+    (lambda: torch.nn.GELU(), lambda: TempoGELU()),
+], ids=["dropout", "gelu"])
+def test_stock_and_tempo_ops_fall_in_the_same_categories(stock, tempo):
+    """Linear -> op -> Linear with the stock op and with its Tempo twin: the same category rows,
+    though each side keeps different tensors in them (stock dropout on CPU keeps a float mask as
+    a Mul's operand, Tempo's a seed; stock GELU its input, Tempo's branch bits)."""
+    h, tokens = 16, 8
+    by_category = []
+    for make in (stock, tempo):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(h, 4 * h), make(), torch.nn.Linear(4 * h, h))
+        x = torch.randn(tokens, h, requires_grad=True)
+        with SavedTensorLedger(model) as ledger:
+            out = model(x)
+        by_category.append(ledger.report(out).by_category())
+    assert set(by_category[0]) == set(by_category[1]) and len(by_category[0]) == 2, by_category
+    assert by_category[0] != by_category[1]  # the same rows, other bytes
+
+
+def test_the_ledger_leaves_no_torch_function_mode_behind():
+    x = torch.randn(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inside"):
+        with SavedTensorLedger():
+            torch.nn.functional.dropout(x, 0.5)
+            raise RuntimeError("inside")
+    assert not torch._C._is_torch_function_mode_enabled()
 
 
 def test_shared_storage_goes_to_its_last_saver():

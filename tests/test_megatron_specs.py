@@ -9,22 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from tempo_ds import megatron as tm
-from tempo_ds.memory import models
+from tempo_ds import workload
 
 from . import megatron_utils as mu
 from .numerics import assert_within_pytorch_error, tiny_atol
 
 pytest.importorskip("megatron.core")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _megatron():
-    mu.init_single_process()
+pytestmark = pytest.mark.usefixtures("megatron_world")
 
 
 def _run(arch, model, batch):
     model.zero_grad(set_to_none=True)
-    loss, logits = models.forward_loss(arch, model, batch, return_logits=True)
+    loss, logits = workload.loss(arch, model, batch, return_logits=True)
     loss.backward()
     return loss.detach(), logits.detach(), mu.grads(model)
 
@@ -43,7 +39,7 @@ def test_state_dict_identical_to_stock(arch, normalization):
             assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.parametrize("arch", workload.ARCHS)
 @pytest.mark.parametrize("direction", ["stock->tempo", "tempo->stock"])
 def test_checkpoint_loads_across_specs(arch, direction, tmp_path):
     config = mu.tiny_config()
@@ -56,8 +52,8 @@ def test_checkpoint_loads_across_specs(arch, direction, tmp_path):
     batch = mu.batch(arch)
     source.eval(), target.eval()
     with torch.no_grad():
-        _, expected = models.forward_loss(arch, source, batch, return_logits=True)
-        _, got = models.forward_loss(arch, target, batch, return_logits=True)
+        _, expected = workload.loss(arch, source, batch, return_logits=True)
+        _, got = workload.loss(arch, target, batch, return_logits=True)
     torch.testing.assert_close(got, expected)
 
 
@@ -123,7 +119,7 @@ RECOMPUTE = {
 @pytest.mark.parametrize("recompute", sorted(RECOMPUTE))
 def test_recomputation_gives_bit_identical_gradients(arch, attention, recompute):
     """Dropout 0.1 everywhere: recomputed forwards must regenerate every mask exactly, which needs
-    the RNG tracker (enable_cpu on CPU) and seed-based Tempo dropout."""
+    the RNG tracker (cpu_patches on CPU) and seed-based Tempo dropout."""
     _check_recomputation(arch, attention, recompute)
 
 
@@ -145,7 +141,7 @@ def _check_recomputation(arch, attention, recompute):
     out = []
     for model in (plain, recomputed):
         mu.reseed(7)
-        loss = models.forward_loss(arch, model, batch)
+        loss = workload.loss(arch, model, batch)
         loss.backward()
         out.append((loss.detach(), mu.grads(model)))
     (loss_a, grads_a), (loss_b, grads_b) = out
@@ -166,7 +162,7 @@ def _train(arch, spec, dropout_seed, data):
     losses = []
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
-        loss = models.forward_loss(arch, model, data[step % len(data)])
+        loss = workload.loss(arch, model, data[step % len(data)])
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
@@ -176,7 +172,7 @@ def _train(arch, spec, dropout_seed, data):
 STOCK_SEEDS = (11, 12, 13)
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.parametrize("arch", workload.ARCHS)
 def test_training_curve_matches_stock(arch):
     """Same weights and data; dropout 0.1. Tempo draws other masks than stock (a Philox stream),
     so it is compared with the spread between stock runs that differ only in dropout seed: the
@@ -277,48 +273,3 @@ def test_bert_spec_builds_with_tempo_attention():
     with pytest.raises(TypeError, match="NoneType.*Version"):
         BertModel(config=config, transformer_layer_spec=layer_spec, vocab_size=mu.VOCAB,
                   max_sequence_length=mu.SEQ, num_tokentypes=2)
-
-
-# -- the CPU switch -----------------------------------------------------------------------------
-def _patched_attributes():
-    from tempo_ds.megatron import cpu
-    out = []
-    for patch in cpu.PATCHES:
-        owner, name = cpu._resolve(patch)
-        out.append(owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name))
-    return out
-
-
-def test_enable_cpu_is_a_no_op_when_cuda_is_present(monkeypatch):
-    before = _patched_attributes()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    handle = tm.enable_cpu()
-    assert not handle.active
-    handle()
-    assert _patched_attributes() == before
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="enable_cpu does nothing with CUDA")
-def test_enable_cpu_is_reversible_and_forks_the_cpu_generator():
-    from megatron.core.tensor_parallel import random as mrandom
-    from tempo_ds.megatron import cpu
-
-    active = tm.enable_cpu()
-    assert active.active and tm.enable_cpu() is active
-    assert _patched_attributes() == [p.replacement for p in cpu.PATCHES]
-    active()
-    try:
-        assert not tm.is_cpu_enabled()
-        assert all(a is not p.replacement for a, p in zip(_patched_attributes(), cpu.PATCHES))
-        with pytest.raises(RuntimeError):
-            mrandom._get_cuda_rng_state()
-    finally:
-        tm.enable_cpu()
-    # The tracker's fork draws from its own stream and leaves the default stream where it was.
-    mu.reseed(1)
-    outside = torch.rand(3)
-    mu.reseed(1)
-    with mrandom.get_cuda_rng_tracker().fork():
-        inside = torch.rand(3)
-    after = torch.rand(3)
-    assert torch.equal(after, outside) and not torch.equal(inside, outside)

@@ -22,9 +22,7 @@ PAPER_ARGS = ["--arch", "gpt", "--layers", "1", "--hidden", "1024", "--heads", "
               "--batch", "1", "--dtype", "fp32", "--vocab", "1024"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _megatron():
-    mu.init_single_process()
+pytestmark = pytest.mark.usefixtures("megatron_world")
 
 
 def test_cli_json_is_one_object_with_both_specs():
@@ -38,6 +36,12 @@ def test_cli_json_is_one_object_with_both_specs():
     assert 0 < result["tempo_bytes_per_token_per_layer"] < result["baseline_bytes_per_token_per_layer"]
     assert sum(result["tempo_layer_by_category"].values()) == result["tempo_layers_bytes"]
     assert result["tempo_total_bytes"] == result["tempo_layers_bytes"] + result["tempo_head_bytes"]
+    # one row per op kind: stock and Tempo keep tensors in the same categories (attention, not
+    # stock "softmax" against Tempo "attention"), and the categories add up to the same totals
+    assert set(result["baseline_layer_by_category"]) == set(result["tempo_layer_by_category"])
+    assert {"attention", "matmul", "gelu", "norm", "dropout"} <= set(result["tempo_layer_by_category"])
+    assert sum(result["baseline_layer_by_category"].values()) == result["baseline_layers_bytes"]
+    assert set(result["baseline_layer_ops_by_category"]) == set(result["baseline_layer_by_category"])
 
 
 def test_cli_table_for_bert():
@@ -47,6 +51,12 @@ def test_cli_table_for_bert():
     text = stdout.getvalue()
     assert "BERT L=2 h=64 a=4 s=32" in text
     assert "per layer" in text and "head (bytes)" in text and "norm" in text
+    rows = text.split("bytes per token per layer:\n", 1)[1].split("\nper layer", 1)[0].splitlines()[1:]
+    categories = [row.split()[0] for row in rows]
+    # every row has a stock and a Tempo figure, and no row is empty on both sides
+    assert {"attention", "matmul", "gelu", "norm", "dropout"} <= set(categories)
+    assert all(len(row.split()) == 3 and row.split()[1:] != ["0.0", "0.0"] for row in rows), rows
+    assert "attention: stock keeps" in text and "tempo keeps" in text
 
 
 def test_tempo_attention_path_keeps_at_most_0_4_of_stock():
@@ -71,16 +81,18 @@ def test_flash_path_keeps_at_most_0_2_of_stock():
 def test_flash_path_on_cpu_keeps_nothing_quadratic_without_dropout():
     """What the CPU can show of the flash path: with dropout 0 PyTorch's CPU flash kernel runs,
     and no tensor the layer keeps grows with s x s (the largest is the [s, b, 4h] MLP activation)."""
-    from tempo_ds.memory import SavedTensorLedger, models
+    from tempo_ds import workload
+    from tempo_ds.memory import SavedTensorLedger
 
     args = parse_args([*PAPER_ARGS, "--attention", "flash", "--dropout", "0"])
     seq, hidden = args.seq, args.hidden
     mu.reseed(0)
-    config = models.model_config(layers=1, hidden=hidden, heads=args.heads, dropout=0.0)
-    model = models.build_model("gpt", "tempo", config, vocab_size=args.vocab, max_seq=seq, attention="flash")
-    batch = models.make_batch("gpt", 1, seq, args.vocab)
+    config = workload.model_config(workload.Shape(1, hidden, args.heads), dropout=0.0)
+    model = workload.build_model("gpt", config, spec="tempo", attention="flash", vocab_size=args.vocab,
+                                 seq_length=seq)
+    batch = workload.make_batch("gpt", 1, seq, args.vocab)
     with SavedTensorLedger(model) as ledger:
-        loss = models.forward_loss("gpt", model, batch)
+        loss = workload.loss("gpt", model, batch)
     layer = [r for r in ledger.report(loss).records if r.module.startswith("decoder.layers.")]
     assert model.decoder.layers[0].self_attention.core_attention.last_path == "flash:sdpa"
     assert max(r.nbytes for r in layer) <= seq * 4 * hidden * 4

@@ -34,8 +34,8 @@ KEEP_A_SEED = {
 }
 KEEP_THE_OUTPUT = {
     "gelu": (lambda t: ops.gelu(t["x"]), ("x",)),
-    "layer_norm": (lambda t: ops.layer_norm(t["x"], t["h"] + 1, t["h"]), ("x", "h")),
-    "rms_norm": (lambda t: ops.rms_norm(t["x"], t["h"] + 1), ("x", "h")),
+    "layer_norm": (lambda t: ops.layer_norm(t["x"], t["x"].shape[-1:], t["h"] + 1, t["h"]), ("x", "h")),
+    "rms_norm": (lambda t: ops.rms_norm(t["x"], t["x"].shape[-1:], t["h"] + 1), ("x", "h")),
 }
 
 

@@ -131,13 +131,15 @@ void norm_fwd_kernel(const scalar_t* x,      // [M, N]
 }
 
 // dx for every row, and per-chunk partial sums of dy * x_hat and dy for dgamma / dbeta.
+// x_hat is recovered with recover_gamma (norm_recover_gamma, once per feature); g = gamma * dy.
 template <bool kRms, typename scalar_t, typename param_t, typename acc_t>
-void norm_bwd_kernel(const scalar_t* dy,     // [M, N]
-                     const scalar_t* y,      // [M, N]
-                     const acc_t* rstd,      // [M]
-                     const param_t* gamma,   // [N] or null
-                     const param_t* beta,    // [N] or null
-                     scalar_t* dx,           // [M, N]
+void norm_bwd_kernel(const scalar_t* dy,            // [M, N]
+                     const scalar_t* y,             // [M, N]
+                     const acc_t* rstd,             // [M]
+                     const param_t* gamma,          // [N] or null
+                     const param_t* beta,           // [N] or null
+                     const acc_t* recover_gamma,    // [N]
+                     scalar_t* dx,                  // [M, N]
                      acc_t* dgamma_part,     // [chunks, N], or null
                      acc_t* dbeta_part,      // [chunks, N], or null
                      int64_t M, int64_t N, int64_t chunk_rows, int64_t chunks) {
@@ -157,7 +159,7 @@ void norm_bwd_kernel(const scalar_t* dy,     // [M, N]
                     return param_or(gamma, j, acc_t(1)) * static_cast<acc_t>(dyr[j]);
                 };
                 const auto xhat = [&](int64_t j) {
-                    return norm_recover_xhat(static_cast<acc_t>(yr[j]), param_or(gamma, j, acc_t(1)),
+                    return norm_recover_xhat(static_cast<acc_t>(yr[j]), recover_gamma[j],
                                              param_or(beta, j, acc_t(0)));
                 };
                 acc_t mean_g = 0;
@@ -218,7 +220,8 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std:
 
 template <bool kRms>
 std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd,
-                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                 bool clamp_gamma) {
     TORCH_CHECK(y.is_cpu(), op, ": tensors must be on the CPU");  // the others: on y's device
     norm_host::check_saved(op, dy, y, rstd);
     norm_host::check_norm_args(op, y, weight, bias);
@@ -238,10 +241,15 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
         using acc_t = typename norm_acc_type<scalar_t>::type;
         const auto run = [&](auto param_tag) {
             using param_t = decltype(param_tag);
+            const param_t* gamma = norm_host::data_or_null<param_t>(weight);
+            const param_t* beta = norm_host::data_or_null<param_t>(bias);
+            std::vector<acc_t> recover_gamma(N);
+            for (int64_t j = 0; j < N; ++j)
+                recover_gamma[j] = norm_recover_gamma<scalar_t>(param_or(gamma, j, acc_t(1)),
+                                                                param_or(beta, j, acc_t(0)), clamp_gamma);
             if (N > 0)
                 norm_bwd_kernel<kRms>(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(),
-                                      norm_host::data_or_null<param_t>(weight),
-                                      norm_host::data_or_null<param_t>(bias), dx.data_ptr<scalar_t>(),
+                                      gamma, beta, recover_gamma.data(), dx.data_ptr<scalar_t>(),
                                       dweight_part.defined() ? dweight_part.data_ptr<acc_t>() : nullptr,
                                       dbias_part.defined() ? dbias_part.data_ptr<acc_t>() : nullptr, M, N,
                                       chunk_rows, chunks);

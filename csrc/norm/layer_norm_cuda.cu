@@ -224,7 +224,7 @@ norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of V
                 scalar_t* __restrict__ dx,          // [M, N]
                 acc_t* __restrict__ dgamma_part,    // [chunks, N] or null
                 acc_t* __restrict__ dbeta_part,     // [chunks, N] or null
-                int64_t M, int64_t N, int64_t chunk_rows, bool params_vec) {
+                int64_t M, int64_t N, int64_t chunk_rows, bool params_vec, bool clamp_gamma) {
     __shared__ acc_t smem[64];
     const int64_t vecs = N / VEC;
     const int64_t chunk = blockIdx.x;
@@ -263,7 +263,8 @@ norm_bwd_kernel(const scalar_t* __restrict__ dy,    // [M, N], N a multiple of V
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 const acc_t d = g[i][k];
-                const acc_t xh = norm_recover_xhat(xhat[i][k], w[k], b[k]);
+                const acc_t xh =
+                    norm_recover_xhat(xhat[i][k], norm_recover_gamma<scalar_t>(w[k], b[k], clamp_gamma), b[k]);
                 dgamma[i][k] += d * xh;
                 if constexpr (!kRms) dbeta[i][k] += d;
                 g[i][k] = w[k] * d;
@@ -351,10 +352,15 @@ __global__ void norm_bwd_streaming_kernel(const scalar_t* __restrict__ dy,    //
                                           const param_t* __restrict__ gamma,  // [N] or null
                                           const param_t* __restrict__ beta,   // [N] or null
                                           scalar_t* __restrict__ dx,          // [M, N]
-                                          int64_t M, int64_t N) {
+                                          int64_t M, int64_t N, bool clamp_gamma) {
     __shared__ acc_t smem[64];
     const int64_t start = int64_t(threadIdx.x) * VEC;
     const int64_t stride = int64_t(blockDim.x) * VEC;
+    // x_hat of column j (in v), recovered with the gamma norm_recover_gamma gives
+    const auto recover = [&](acc_t v, acc_t w, int64_t j) {
+        const acc_t b = param_or(beta, j, acc_t(0));
+        return norm_recover_xhat(v, norm_recover_gamma<scalar_t>(w, b, clamp_gamma), b);
+    };
     for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
         const scalar_t* dyr = dy + row * N;
         const scalar_t* yr = y + row * N;
@@ -371,7 +377,7 @@ __global__ void norm_bwd_streaming_kernel(const scalar_t* __restrict__ dy,    //
                 const acc_t w = param_or(gamma, j + k, acc_t(1));
                 const acc_t g = w * d[k];
                 if constexpr (!kRms) sums[0] += g;
-                sums[1] += g * norm_recover_xhat(v[k], w, param_or(beta, j + k, acc_t(0)));
+                sums[1] += g * recover(v[k], w, j + k);
             }
         }
         block_sum(sums, smem);
@@ -384,7 +390,7 @@ __global__ void norm_bwd_streaming_kernel(const scalar_t* __restrict__ dy,    //
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 const acc_t w = param_or(gamma, j + k, acc_t(1));
-                const acc_t xhat = norm_recover_xhat(v[k], w, param_or(beta, j + k, acc_t(0)));
+                const acc_t xhat = recover(v[k], w, j + k);
                 v[k] = norm_input_grad(w * d[k], xhat, r, mean_g, mean_g_xhat);
             }
             store_vec<VEC>(dxr + j, v);
@@ -401,15 +407,15 @@ __global__ void norm_param_grad_partial_kernel(const scalar_t* __restrict__ dy, 
                                                const param_t* __restrict__ beta,   // [N] or null
                                                acc_t* __restrict__ dgamma_part,    // [chunks, N] or null
                                                acc_t* __restrict__ dbeta_part,     // [chunks, N] or null
-                                               int64_t M, int64_t N, int64_t chunk_rows) {
+                                               int64_t M, int64_t N, int64_t chunk_rows, bool clamp_gamma) {
     __shared__ acc_t tile[2][kRowLanes][kColTile + 1];
     const int64_t col = int64_t(blockIdx.x) * kColTile + threadIdx.x;
     const int64_t chunk = blockIdx.y;
     const int64_t row_end = M < (chunk + 1) * chunk_rows ? M : (chunk + 1) * chunk_rows;
     acc_t sum_gamma = 0, sum_beta = 0;
     if (col < N) {
-        const acc_t w = param_or(gamma, col, acc_t(1));
         const acc_t b = param_or(beta, col, acc_t(0));
+        const acc_t w = norm_recover_gamma<scalar_t>(param_or(gamma, col, acc_t(1)), b, clamp_gamma);
         for (int64_t row = chunk * chunk_rows + threadIdx.y; row < row_end; row += kRowLanes) {
             const int64_t i = row * N + col;
             const acc_t d = static_cast<acc_t>(dy[i]);
@@ -581,7 +587,8 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x, const std:
 
 template <bool kRms>
 std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd,
-                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                 bool clamp_gamma) {
     check_cuda(op, y);
     check_cuda(op, dy);
     check_cuda(op, rstd);
@@ -620,7 +627,7 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
                             <<<static_cast<unsigned>(chunks.count), THREADS, 0, stream>>>(
                                 dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), gamma,
                                 beta, dx.data_ptr<scalar_t>(), gamma_part, beta_part, M, N, chunks.rows,
-                                params_aligned<param_t, VEC>(gamma, beta));
+                                params_aligned<param_t, VEC>(gamma, beta), clamp_gamma);
                         C10_CUDA_KERNEL_LAUNCH_CHECK();
                     });
                     rows_done = true;
@@ -629,14 +636,14 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy, const at:
             if (!rows_done && M > 0) {
                 norm_bwd_streaming_kernel<kRms, VEC><<<row_blocks(M), row_threads(N, VEC), 0, stream>>>(
                     dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), gamma, beta,
-                    dx.data_ptr<scalar_t>(), M, N);
+                    dx.data_ptr<scalar_t>(), M, N, clamp_gamma);
                 C10_CUDA_KERNEL_LAUNCH_CHECK();
                 if (gamma_part != nullptr || beta_part != nullptr) {
                     const dim3 grid(static_cast<unsigned>((N + kColTile - 1) / kColTile),
                                     static_cast<unsigned>(chunks.count));
                     norm_param_grad_partial_kernel<<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
                         dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), gamma, beta, gamma_part, beta_part, M, N,
-                        chunks.rows);
+                        chunks.rows, clamp_gamma);
                     C10_CUDA_KERNEL_LAUNCH_CHECK();
                 }
             }

@@ -88,6 +88,7 @@ inline at::Tensor param_grad_like(const std::optional<at::Tensor>& p) {
 // The four norm entry points of tempo/core_ops.h, defined in a build's namespace (tempo::cpu,
 // tempo::cuda) over that build's norm_fwd<kRms> and norm_bwd<kRms> (kRms: RMSNorm, no centring,
 // no beta). Both builds expose the same functions with the same argument names in their errors.
+// clamp_gamma: recover x_hat with norm_recover_gamma's clamp (tempo/norm.h), else divide by gamma.
 #define TEMPO_NORM_DEFINE_ENTRY_POINTS()                                                                   \
     std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,   \
                                            const std::optional<at::Tensor>& bias, double eps) {            \
@@ -95,15 +96,15 @@ inline at::Tensor param_grad_like(const std::optional<at::Tensor>& p) {
     }                                                                                                      \
     std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd, \
                                            const std::optional<at::Tensor>& weight,                        \
-                                           const std::optional<at::Tensor>& bias) {                        \
-        return norm_bwd<false>("layer_norm_bwd", dy, y, rstd, weight, bias);                               \
+                                           const std::optional<at::Tensor>& bias, bool clamp_gamma) {      \
+        return norm_bwd<false>("layer_norm_bwd", dy, y, rstd, weight, bias, clamp_gamma);                  \
     }                                                                                                      \
     std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,     \
                                          double eps) {                                                     \
         return norm_fwd<true>("rms_norm_fwd", x, weight, std::nullopt, eps);                               \
     }                                                                                                      \
     std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& rstd, \
-                                         const std::optional<at::Tensor>& weight) {                        \
-        auto grads = norm_bwd<true>("rms_norm_bwd", dy, y, rstd, weight, std::nullopt);                    \
+                                         const std::optional<at::Tensor>& weight, bool clamp_gamma) {      \
+        auto grads = norm_bwd<true>("rms_norm_bwd", dy, y, rstd, weight, std::nullopt, clamp_gamma);       \
         return {grads[0], grads[1]};                                                                       \
     }

@@ -5,10 +5,12 @@ import torch
 
 
 def _config(heads, head_dim, dtype):
-    from ..memory import models
-    models.init_distributed()
-    return models.model_config(layers=1, hidden=heads * head_dim, heads=heads, dtype=dtype,
-                               attention_dropout=0.1)
+    from .. import workload
+    # The modules need megatron's parallel state and RNG tracker (and on CPU its patches) for as
+    # long as the benchmark calls them, which is the rest of this process.
+    workload.hold(workload.distributed())
+    return workload.model_config(workload.Shape(1, heads * head_dim, heads), dtype=dtype,
+                                 attention_dropout=0.1)
 
 
 def cases(Case):

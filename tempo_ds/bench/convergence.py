@@ -18,8 +18,10 @@ import json
 import os
 import sys
 
+from .. import workload
 from .machine import header, json_safe, machine_info
-from .train import Batches, Variant, build_engine, setup_distributed, train_step
+from .train_model import Batches, build_engine, train_step
+from .train_types import Variant
 
 RUNS = (
     # (label, variant, dropout-seed offset)
@@ -33,10 +35,8 @@ def train_losses(model, variant, steps, micro_batch, seq, size, seed, dropout_se
     """Losses of `steps` optimizer steps of a fresh model of `variant`; weights and data from
     `seed`, dropout masks from `dropout_seed`."""
     from ..data import ByteTokenizer
-    from ..training.models import SIZES
-    from ..training.train import _reseed
 
-    shape = SIZES[model][size]
+    shape = workload.shape_of(workload.arch_of(model), size)
     # The byte tokenizer's own vocabulary: a small model's head stays small.
     vocab = ByteTokenizer().vocab_size
     cfg = {"model": model, "layers": shape.num_layers, "hidden": shape.hidden_size,
@@ -46,17 +46,16 @@ def train_losses(model, variant, steps, micro_batch, seq, size, seed, dropout_se
     data = Batches(model, seq, vocab, seed, device)
     losses = []
     for step in range(steps):
-        _reseed(dropout_seed, step)
+        workload.reseed(dropout_seed, step)
         losses.append(float(train_step(engine, model, data.get(step, micro_batch))))
     return losses
 
 
-def compare(model, steps=60, micro_batch=4, seq=128, size="tiny", seed=1234, dropout=0.1,
+def compare(model, device, steps=60, micro_batch=4, seq=128, size="tiny", seed=1234, dropout=0.1,
             log=print):
-    """The three runs of RUNS for `model` ("gpt2" or "bert"). Returns a dict with the curves
-    ({label: losses}), max_diff_tempo (largest per-step |stock - tempo|) and max_diff_seed
-    (largest per-step |stock - stock(seed')|)."""
-    device = setup_distributed()
+    """The three runs of RUNS for `model` ("gpt2" or "bert") on `device`, inside
+    workload.distributed(). Returns a dict with the curves ({label: losses}), max_diff_tempo
+    (largest per-step |stock - tempo|) and max_diff_seed (largest per-step |stock - stock(seed')|)."""
     curves = {}
     for label, variant, offset in RUNS:
         curves[label] = train_losses(model, variant, steps, micro_batch, seq, size, seed, seed + offset,
@@ -74,19 +73,22 @@ def compare(model, steps=60, micro_batch=4, seq=128, size="tiny", seed=1234, dro
 
 
 def _size_names():
-    from ..training.models import SIZES
-    return sorted(set().union(*SIZES.values()))
+    return sorted(set().union(*workload.SIZES.values()))
 
 
 def add_arguments(p):
-    p.add_argument("--models", nargs="+", choices=("gpt2", "bert"), default=["gpt2", "bert"])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=128)
+    """The options of `python -m tempo_ds.bench convergence` (shown with their defaults by --help)."""
+    p.add_argument("--models", nargs="+", choices=("gpt2", "bert"), default=["gpt2", "bert"],
+                   help="models to train, each stock and with Tempo")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq-length", type=int, default=128, help="tokens per sequence")
     p.add_argument("--size", default="tiny", choices=_size_names(),
-                   help="a named size of tempo_ds.training.models.SIZES that every model of --models has")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--dropout", type=float, default=0.1)
+                   help="a named size of tempo_ds.workload.SIZES that every model of --models has")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="seed of the weights, the data and dropout (the second stock run draws its "
+                        "dropout from seed + 1)")
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout probability")
     p.add_argument("--out", default="results/bench_convergence", help="folder for JSON and plots")
 
 
@@ -94,19 +96,20 @@ def main(args):
     import logging
     logging.getLogger("tempo_ds").setLevel(logging.WARNING)
     from . import plots
-    from ..training.models import SIZES
 
     for model in args.models:
-        if args.size not in SIZES[model]:
-            raise SystemExit(f"--size {args.size}: {model} has the sizes {', '.join(SIZES[model])}")
+        sizes = workload.SIZES[workload.arch_of(model)]
+        if args.size not in sizes:
+            raise SystemExit(f"--size {args.size}: {model} has the sizes {', '.join(sizes)}")
 
     info = machine_info()
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     results = []
-    for model in args.models:
-        log(f"{model}: {args.steps} steps, micro-batch {args.micro_batch}, seq {args.seq_length}")
-        results.append(compare(model, args.steps, args.micro_batch, args.seq_length, args.size,
-                               args.seed, args.dropout, log))
+    with workload.launcher_env(), workload.distributed() as device:
+        for model in args.models:
+            log(f"{model}: {args.steps} steps, micro-batch {args.micro_batch}, seq {args.seq_length}")
+            results.append(compare(model, device, args.steps, args.micro_batch, args.seq_length,
+                                   args.size, args.seed, args.dropout, log))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "convergence.json"), "w") as f:
         json.dump(json_safe({"machine": info, "results": results}), f, indent=1)

@@ -88,12 +88,12 @@ def _norm_cases():
 
     return [
         Case("layer_norm", make,
-             lambda x, w, b: ops.layer_norm(x, w, b, 1e-5),
+             lambda x, w, b: ops.layer_norm(x, x.shape[-1:], w, b, 1e-5),
              lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5),
              lambda x, w, b: 2 * _nbytes(x) + x.shape[0] * 4,
              lambda x, w, b: 3 * _nbytes(x) + x.shape[0] * 4),
         Case("rms_norm", make,
-             lambda x, w, b: ops.rms_norm(x, w, 1e-5),
+             lambda x, w, b: ops.rms_norm(x, x.shape[-1:], w, 1e-5),
              lambda x, w, b: F.rms_norm(x, x.shape[-1:], w, 1e-5),
              lambda x, w, b: 2 * _nbytes(x) + x.shape[0] * 4,
              lambda x, w, b: 3 * _nbytes(x) + x.shape[0] * 4),
@@ -473,6 +473,22 @@ def format_table(report):
     for group, why in report["skipped"].items():
         lines.append(f"skipped {group}: {why}")
     return "\n".join(lines)
+
+
+def add_arguments(p):
+    """The options of `python -m tempo_ds.bench ops` (shown with their defaults by --help)."""
+    p.add_argument("--only", nargs="*", choices=list(CASE_GROUPS), default=None,
+                   help="case groups to run; None runs all of them")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda; None picks cuda when a GPU is present, else cpu")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="dtype of every case's tensors")
+    p.add_argument("--size", default=None, choices=["small", "large"],
+                   help="tensor sizes: small 8K x 1024, large 64K x 4096 elements; None picks large "
+                        "on GPU, small on CPU")
+    p.add_argument("--reps", type=int, default=None,
+                   help="calls timed per measurement (the median is kept); None: 50 on GPU, 5 on CPU")
+    p.add_argument("--json", default="bench_ops.json", help="where to write the results ('' for none)")
 
 
 def main(args):

@@ -42,6 +42,9 @@ class MLMDataset(torch.utils.data.Dataset):
     special ids (eod, pad, cls, sep, mask) are targets, of which 80% become [MASK], 10% a token drawn
     uniformly from [0, vocab_size) less the special ids, and 10% stay. With the default byte
     tokenizer the non-special tokens are exactly the bytes 0..255, as before.
+
+    Items are dicts of tokens, tokentype_ids, attention_mask (1 = keep), labels, loss_mask and
+    is_random (the next-sentence label): tempo_ds.workload's batch format.
     """
 
     def __init__(self, prefix, tokenizer, seq_length, num_samples, seed, nsp=True, mask_prob=0.15):
@@ -114,10 +117,11 @@ class MLMDataset(torch.utils.data.Dataset):
         tokens[random_slots] = self.replacements[rng.integers(0, len(self.replacements), len(random_slots))]
 
         pad = self.seq_length - n
+        # tempo_ds.workload's batch format: the names of BertModel's forward arguments.
         return {
-            "text": torch.from_numpy(numpy.pad(tokens, (0, pad), constant_values=self.tok.pad)),
-            "types": torch.from_numpy(numpy.pad(types, (0, pad))),
-            "padding_mask": torch.from_numpy(numpy.pad(numpy.ones(n, numpy.int64), (0, pad))),
+            "tokens": torch.from_numpy(numpy.pad(tokens, (0, pad), constant_values=self.tok.pad)),
+            "tokentype_ids": torch.from_numpy(numpy.pad(types, (0, pad))),
+            "attention_mask": torch.from_numpy(numpy.pad(numpy.ones(n, numpy.int64), (0, pad))),
             "labels": torch.from_numpy(numpy.where(labels < 0, 0, labels)),
             "loss_mask": torch.from_numpy((labels >= 0).astype(numpy.float32)),
             "is_random": torch.tensor(int(is_random)),

@@ -1,7 +1,7 @@
 """The "tempo" key of ds_config: parse, validate, apply (tempo_ds.initialize)."""
-from .config import TempoConfig, TempoConfigError
+from .config import TempoConfig, TempoConfigError, split_config
 
-__all__ = ["TempoConfig", "TempoConfigError", "initialize", "MegatronMPU"]
+__all__ = ["TempoConfig", "TempoConfigError", "initialize", "MegatronMPU", "split_config"]
 
 
 def __getattr__(name):

@@ -9,6 +9,9 @@ from dataclasses import dataclass, fields
 
 ATTENTION_CHOICES = ("auto", "tempo", "flash", "stock")
 BUILD_CHOICES = ("jit", "prebuilt")
+# swap kind (tempo_ds.modules.swap) -> the field of "tempo" that turns it on
+KIND_FIELDS = {"gelu": "gelu", "layernorm": "layernorm", "rmsnorm": "layernorm", "dropout": "dropout",
+               "attention": "attention"}
 
 
 class TempoConfigError(ValueError):
@@ -46,8 +49,21 @@ class TempoConfig:
                   "dropout": self.dropout, "attention": self.attention != "stock"}
         return frozenset(k for k, on in wanted.items() if on)
 
+    def off_reason(self, kind):
+        """Why `kind` (one not in self.kinds) is off, in the words of the config, for the report."""
+        if not self.enabled:
+            return '"tempo" is off'
+        name = KIND_FIELDS[kind]
+        value = getattr(self, name)
+        return f'"tempo.{name}" is "{value}"' if isinstance(value, str) else f'"tempo.{name}" is false'
+
+    def swap_options(self):
+        """The per-kind settings of tempo_ds.modules.swap.swap_modules (the attention path)."""
+        return {"attention": self.attention}
+
     @classmethod
     def disabled(cls):
+        """"tempo" off: tempo_ds.initialize is deepspeed.initialize."""
         return cls(enabled=False)
 
     @classmethod
@@ -120,6 +136,6 @@ def tempo_entry(ds_config):
 
 
 def split_config(ds_config):
-    """(TempoConfig, the DeepSpeed config without the "tempo" key)."""
+    """(TempoConfig, the DeepSpeed config without the "tempo" key): "tempo" parsed once, here."""
     rest = {k: v for k, v in ds_config.items() if k != "tempo"}
     return tempo_entry(ds_config), rest

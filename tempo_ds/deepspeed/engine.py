@@ -3,9 +3,11 @@
     engine, optimizer, loader, scheduler = tempo_ds.initialize(model=model, config="ds.json", ...)
 
 With "tempo" false or absent the call is deepspeed.initialize with the same arguments, untouched.
-With it on, before DeepSpeed sees the model: the "tempo" entry is validated (a mistake fails here,
-not silently), the ops are built or found prebuilt, the stock modules are swapped for Tempo ones
-keeping their parameters, and the "tempo" key is removed from the config handed to DeepSpeed.
+With it on, before DeepSpeed sees the model: the "tempo" entry is validated once (a mistake fails
+here, not silently), the ops are built or found prebuilt, the stock modules are swapped for Tempo
+ones keeping their parameters (tempo_ds.deepspeed.apply.swap_model, whose report is logged on rank
+0), and the "tempo" key is removed from the config handed to DeepSpeed. A caller that parsed
+"tempo" already hands the TempoConfig down with the keyword `tempo=`.
 """
 import copy
 import logging
@@ -14,8 +16,9 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 from deepspeed.constants import TORCH_DISTRIBUTED_DEFAULT_PORT
 
+from ..op_builder import build_deepspeed_shm_op
 from .apply import prepare_ops, swap_model
-from .config import TempoConfig, load_ds_config, split_config, tempo_entry
+from .config import TempoConfig, TempoConfigError, load_ds_config, split_config, tempo_entry
 
 logger = logging.getLogger("tempo_ds")
 
@@ -82,14 +85,34 @@ def _check_sequence_parallel(model, ds_config, mpu):
                    "and engine.step(); DeepSpeed does not sum them", len(marked), marked[0])
 
 
+def _tempo_for(ds_config, tempo):
+    """(TempoConfig, the DeepSpeed config without "tempo"), "tempo" parsed at most once: a caller
+    that parsed it already passes `tempo`; a config that also carries the key must agree with it."""
+    if tempo is None:
+        return split_config(ds_config) if ds_config is not None else (TempoConfig.disabled(), None)
+    if not isinstance(tempo, TempoConfig):
+        raise TypeError(f"tempo_ds.initialize: tempo= must be a TempoConfig, got {type(tempo).__name__}")
+    if ds_config is None or "tempo" not in ds_config:
+        return tempo, ds_config
+    in_config, rest = split_config(ds_config)
+    if in_config != tempo:
+        raise TempoConfigError(
+            f'tempo_ds.initialize: tempo={tempo} disagrees with the config\'s "tempo" entry '
+            f"({in_config}); pass one, or the same in both")
+    return tempo, rest
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
                lr_scheduler=None, distributed_port=TORCH_DISTRIBUTED_DEFAULT_PORT, mpu=None, dist_init_required=None,
-               collate_fn=None, config=None, mesh_param=None, config_params=None):
+               collate_fn=None, config=None, mesh_param=None, config_params=None, *, tempo=None):
     """deepspeed.initialize with Tempo applied to `model` when ds_config says "tempo": on.
 
     Arguments and return value are deepspeed.initialize's: (engine, optimizer, training_dataloader,
     lr_scheduler). The "tempo" entry is read from `config`, `config_params` or
-    `args.deepspeed_config` (a dict or a path) and documented in docs/config.md.
+    `args.deepspeed_config` (a dict or a path) and documented in docs/config.md; it is parsed once.
+    A caller that parsed it already (tempo_ds.deepspeed.config.split_config) passes the TempoConfig
+    as the keyword `tempo` and may leave the key out of the config; a key that disagrees with
+    `tempo` raises TempoConfigError. With Tempo on, the swap report is logged on rank 0.
     """
     kwargs = dict(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                   training_data=training_data, lr_scheduler=lr_scheduler,
@@ -99,24 +122,30 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
 
     source = _config_source(args, config, config_params)
     ds_config = load_ds_config(source)
-    tempo = TempoConfig.disabled() if ds_config is None else tempo_entry(ds_config)
+    tempo, stripped = _tempo_for(ds_config, tempo)
+    # DeepSpeed's CPU accelerator JIT-builds its shared-memory op inside deepspeed.initialize,
+    # minutes without a word on a first run: built here, it says so (cached: a quick load).
+    build_deepspeed_shm_op()
     if not tempo.enabled:
         return deepspeed.initialize(**kwargs)
 
     if model is None:
         raise ValueError('tempo_ds.initialize: "tempo" is on but no model was given')
-    _check_sequence_parallel(model, ds_config, mpu)
+    _check_sequence_parallel(model, ds_config or {}, mpu)
     prepare_ops(tempo, get_accelerator().device_name())
     swap_model(model, tempo)
     model.tempo_config = tempo
+    if stripped is not ds_config:
+        _hand_over(kwargs, args, stripped)
+    return deepspeed.initialize(**kwargs)
 
-    _, stripped = split_config(ds_config)
-    # DeepSpeed refuses a config given twice, so the stripped dict replaces whichever argument
-    # carried it.
+
+def _hand_over(kwargs, args, stripped):
+    """Hand DeepSpeed the config without "tempo". DeepSpeed refuses a config given twice, so the
+    stripped dict replaces whichever argument carried it."""
     kwargs["config"], kwargs["config_params"] = stripped, None
     if any(getattr(args, name, None) is not None for name in _ARGS_CONFIG_FIELDS):
         kwargs["args"] = copy.copy(args)
         for name in _ARGS_CONFIG_FIELDS:
             if hasattr(args, name):
                 setattr(kwargs["args"], name, None)
-    return deepspeed.initialize(**kwargs)

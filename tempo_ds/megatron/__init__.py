@@ -1,18 +1,21 @@
 """Megatron-core layer specs for GPT and BERT built from the Tempo modules, and a CPU switch.
 
-    from tempo_ds.megatron import enable_cpu, tempo_gpt_model_spec
+    from tempo_ds.megatron import tempo_gpt_model_spec
     config, layer_spec = tempo_gpt_model_spec(config)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=..., ...)
 
+tempo_ds.megatron.swaps holds the Megatron rows of the one swap mechanism (tempo_ds.modules.swap),
+which swaps a model built from megatron.core's own specs; it registers them when imported, which
+tempo_ds.modules.swap does by itself once megatron.core is imported.
+
 Names are imported on first use, so `import tempo_ds.megatron` does not import megatron.core
-(several seconds) and enable_cpu() can run before it.
+(several seconds) and cpu_patches() can be entered before it.
 """
 import importlib
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    "enable_cpu": "cpu",
-    "disable_cpu": "cpu",
+    "cpu_patches": "cpu",
     "is_cpu_enabled": "cpu",
     "get_gpt_layer_tempo_spec": "specs",
     "get_bert_layer_tempo_spec": "specs",
@@ -30,6 +33,7 @@ _EXPORTS = {
     "allreduce_sequence_parallel_grads": "parallel",
     "free_local_port": "parallel",
     "TempoCoreAttention": "core_attention",
+    "attention_from_stock": "swaps",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,14 +1,15 @@
 """One switch that lets megatron-core GPT and BERT models run on a machine without CUDA.
 
-    from tempo_ds.megatron import enable_cpu
-    undo = enable_cpu()      # a no-op (returns a no-op handle) when torch.cuda.is_available()
-    ...                      # build and train a GPTModel / BertModel on CPU with gloo
-    undo()                   # or disable_cpu()
+    from tempo_ds.megatron import cpu_patches
+    with cpu_patches():      # patches nothing when torch.cuda.is_available()
+        ...                  # build and train a GPTModel / BertModel on CPU with gloo
+    # every patched attribute is back here (tempo_ds.workload.distributed() enters this for you)
 
 megatron-core 0.16.1 is CUDA-only in a handful of places that a small CPU model meets. Each row of
 PATCHES below names one of them, the replacement, and why; nothing in megatron's files is edited.
 The replacements are installed on the modules where the callers look them up at call time, so a
-later `from ... import` of the caller cannot bypass them, and every one is undone by the handle.
+later `from ... import` of the caller cannot bypass them, and every one is undone when the
+last open context is left.
 
 The RNG rows matter beyond "it runs": Megatron forks its RNG tracker around model-parallel dropout
 and restores all RNG states when it recomputes a checkpointed block. On CPU the generator that
@@ -20,6 +21,7 @@ What still has to come from the config (these are not CUDA calls but CUDA-only f
 `gradient_accumulation_fusion=False` and `masked_softmax_fusion=False` (no apex / Megatron
 extension is installed here, and on GPU machines without them the same holds).
 """
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["enable_cpu", "disable_cpu", "is_cpu_enabled", "CpuPatchHandle", "PATCHES"]
+__all__ = ["cpu_patches", "is_cpu_enabled", "PATCHES"]
 
 _CPU = torch.device("cpu")
 
@@ -111,72 +113,55 @@ def _resolve(patch):
     return owner, name
 
 
-class CpuPatchHandle:
-    """Undoes what enable_cpu() installed; calling it twice is harmless."""
-
-    def __init__(self, originals=(), log_filter=None):
-        self._originals = list(originals)
-        self._log_filter = log_filter
-
-    @property
-    def active(self):
-        return bool(self._originals)
-
-    def __call__(self):
-        global _ACTIVE
-        for owner, name, original in reversed(self._originals):
-            setattr(owner, name, original)
-        self._originals.clear()
-        if self._log_filter is not None:
-            logging.getLogger(_RNG_LOGGER).removeFilter(self._log_filter)
-            self._log_filter = None
-        if _ACTIVE is self:
-            _ACTIVE = None
-
-    undo = __call__
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self()
-        return False
+_DEPTH = 0          # how many cpu_patches() contexts are open in this process
+_ORIGINALS = []     # (owner, name, original attribute) while _DEPTH > 0
+_LOG_FILTER = None
 
 
-_ACTIVE = None
-
-
-def enable_cpu():
-    """Make megatron-core GPT/BERT models runnable on CPU (smoke runs, CI).
-
-    Does nothing when torch.cuda.is_available(): the returned handle is then inactive. Calling it
-    again while enabled returns the active handle. Returns a CpuPatchHandle; call it (or
-    disable_cpu()) to restore every patched attribute.
-    """
-    global _ACTIVE
-    if torch.cuda.is_available():
-        return CpuPatchHandle()
-    if _ACTIVE is not None:
-        return _ACTIVE
-    originals = []
+def _install():
+    global _LOG_FILTER
     for patch in PATCHES:
         owner, name = _resolve(patch)
         # getattr on the class would bind methods; keep the raw attribute for an exact restore.
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        originals.append((owner, name, original))
+        _ORIGINALS.append((owner, name, original))
         setattr(owner, name, patch.replacement)
-    log_filter = _DropForkWarning()
-    logging.getLogger(_RNG_LOGGER).addFilter(log_filter)
-    _ACTIVE = CpuPatchHandle(originals, log_filter)
-    return _ACTIVE
+    _LOG_FILTER = _DropForkWarning()
+    logging.getLogger(_RNG_LOGGER).addFilter(_LOG_FILTER)
 
 
-def disable_cpu():
-    """Undo enable_cpu() (a no-op if it is not enabled)."""
-    if _ACTIVE is not None:
-        _ACTIVE()
+def _uninstall():
+    global _LOG_FILTER
+    while _ORIGINALS:
+        owner, name, original = _ORIGINALS.pop()
+        setattr(owner, name, original)
+    logging.getLogger(_RNG_LOGGER).removeFilter(_LOG_FILTER)
+    _LOG_FILTER = None
+
+
+@contextlib.contextmanager
+def cpu_patches():
+    """Make megatron-core GPT/BERT models runnable on CPU inside the `with` block.
+
+    Yields True when the patches are in force, False when torch.cuda.is_available() (nothing is
+    patched then). Contexts nest: the first one entered installs every row of PATCHES, the last
+    one left restores the original attributes, so an inner block never undoes an outer one.
+    """
+    global _DEPTH
+    if torch.cuda.is_available():
+        yield False
+        return
+    if _DEPTH == 0:
+        _install()
+    _DEPTH += 1
+    try:
+        yield True
+    finally:
+        _DEPTH -= 1
+        if _DEPTH == 0:
+            _uninstall()
 
 
 def is_cpu_enabled():
-    """True while enable_cpu()'s patches are installed."""
-    return _ACTIVE is not None
+    """True while some cpu_patches() context is open (the patches are installed)."""
+    return _DEPTH > 0

@@ -12,6 +12,10 @@ Differences from WrappedTorchNorm, each deliberate:
   * memory_efficient_layer_norm (apex's output-saving LayerNorm) is accepted: it is what Tempo does;
   * layernorm_zero_centered_gamma raises NotImplementedError: the output-based backward recovers
     the normalised input as (y - beta) / gamma and would need the +1 shift threaded through it.
+
+The norms use the default recover_check="clamp": no host synchronisation per call, which matters
+under ZeRO-3 and with many micro-batches; set the module attribute `recover_check = "exact"` on a
+norm whose gamma may sit at zero (docs/norm.md).
 """
 from ..modules.norm import TempoLayerNorm, TempoRMSNorm
 

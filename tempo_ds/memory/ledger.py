@@ -5,8 +5,10 @@ torch.autograd.graph.saved_tensors_hooks. The ledger records each one, deduplica
 (a tensor saved by two ops, e.g. the GELU output that the next Linear also saves, is counted
 once, for the last op that saved it: the consumer that keeps it as its input, as a stock model's
 Linear does, so an op that keeps its own output adds nothing for it), leaves out parameters, and
-attributes each storage to the innermost module that was running and to the autograd op that
-saved it.
+attributes each storage to the innermost module that was running, to the outermost torch function
+that was running (F.dropout, F.softmax, ...) and to the autograd op that saved it. Its category is
+the kind of op that keeps it (attention, matmul, gelu, norm, dropout, ...), the same kind for a
+stock op and its Tempo twin (CATEGORY_RULES).
 
     with SavedTensorLedger(model) as ledger:
         loss = model(batch)
@@ -31,26 +33,64 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-# Autograd node name (without the trailing Backward<N>) -> op category, first match wins.
+# (what is matched, pattern, category); the first match wins. Categories are kinds of op, so a
+# stock op and its Tempo twin fall in the same one whatever tensors each keeps:
+#   "module"    a component of the saving module's qualified name: everything the attention core
+#               keeps (stock: scores' q and k, softmax output, mask, dropout mask and dropped
+#               probabilities; Tempo: its one Function's tensors) is attention;
+#   "function"  the outermost torch function running at the save: stock dropout on CPU saves its
+#               mask as a plain Mul's operand, known as dropout only by F.dropout running;
+#   "op"        the autograd node's name without the trailing Backward<N>.
 CATEGORY_RULES = [
-    (r"Gelu", "gelu"),
-    (r"LayerNorm|RmsNorm|RMSNorm", "norm"),
-    (r"Softmax", "softmax"),
-    (r"Dropout|BiasDropoutAdd", "dropout"),
-    (r"Attention|Flash|Efficient", "attention"),
-    (r"Embedding", "embedding"),
-    (r"CrossEntropy|NllLoss|LogSoftmax", "loss"),
-    (r"^(Mm|Addmm|Bmm|Matmul|Linear|Baddbmm|Mv)|Linear", "matmul"),
-    (r"^(Mul|Div|Add|Sub)", "elementwise"),
+    ("module", r"^core_attention$", "attention"),
+    ("op", r"Attention|Flash|Efficient|SoftmaxDropoutMatmul", "attention"),
+    ("function", r"^scaled_dot_product_attention$", "attention"),
+    ("op", r"Gelu", "gelu"),
+    ("op", r"LayerNorm|RmsNorm|RMSNorm", "norm"),
+    ("function", r"^(layer_norm|rms_norm)$", "norm"),
+    ("op", r"Dropout|BiasDropoutAdd", "dropout"),
+    ("function", r"dropout", "dropout"),
+    ("module", r"dropout", "dropout"),
+    ("op", r"Softmax", "softmax"),
+    ("op", r"Embedding", "embedding"),
+    ("op", r"CrossEntropy|NllLoss|LogSoftmax", "loss"),
+    ("op", r"^(Mm|Addmm|Bmm|Matmul|Linear|Baddbmm|Mv)|Linear", "matmul"),
+    ("op", r"^(Mul|Div|Add|Sub)", "elementwise"),
 ]
 
 
-def category_of(op_name):
-    for pattern, category in CATEGORY_RULES:
-        if re.search(pattern, op_name):
+def category_of(op_name, module="", function=""):
+    """The kind of op that keeps a saved tensor: the first CATEGORY_RULES match for the autograd
+    op `op_name`, the qualified name of the `module` saving it (each dotted component is tried)
+    and the outermost torch `function` running then; "other" when none matches."""
+    components = module.split(".") if module else []
+    for what, pattern, category in CATEGORY_RULES:
+        if what == "op":
+            hit = re.search(pattern, op_name)
+        elif what == "function":
+            hit = bool(function) and re.search(pattern, function)
+        else:
+            hit = any(re.search(pattern, c) for c in components)
+        if hit:
             return category
     return "other"
+
+
+class _OutermostFunction(TorchFunctionMode):
+    """Keeps the name of the outermost torch function running (F.dropout, F.softmax, a Tensor
+    method), for the pack hook. A mode is off while its handler runs, so the calls that function
+    makes are not seen: the name stays the outermost one."""
+
+    name = ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        outer, self.name = self.name, getattr(func, "__name__", "")
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.name = outer
 
 
 def _storage_key(t):
@@ -67,10 +107,11 @@ class SavedRecord:
     shape: tuple
     dtype: torch.dtype
     op: str = "unknown"
+    function: str = ""  # the outermost torch function running when it was saved ("" for none)
 
     @property
     def category(self):
-        return category_of(self.op)
+        return category_of(self.op, self.module, self.function)
 
 
 @dataclass
@@ -117,14 +158,15 @@ class _Packed:
     """What the pack hook returns, so what the graph holds until it frees the saving node: the
     saved tensor and where it was saved. The ledger keeps only weak references to these, so a
     storage counts exactly as long as some graph still holds it."""
-    __slots__ = ("tensor", "module", "op", "__weakref__")
+    __slots__ = ("tensor", "module", "function", "op", "__weakref__")
 
-    def __init__(self, tensor, module):
+    def __init__(self, tensor, module, function=""):
         # Detached: a node that saves its own output hands the pack hook that output, grad_fn and
         # all. Holding it here would make node -> packed -> tensor -> node, a cycle through C++
         # that Python's gc cannot break: the graph, and the storage, would never be freed.
         self.tensor = tensor.detach()
         self.module = module
+        self.function = function
         self.op = "unknown"  # named by report(), when its walk reaches the saving node
 
 
@@ -150,6 +192,7 @@ class SavedTensorLedger:
         self._handles = []
         self._param_keys = set()
         self._hooks = None
+        self._functions = None
         self._warned_inner_hooks = False
 
     # -- module attribution --------------------------------------------------------------------
@@ -179,7 +222,7 @@ class SavedTensorLedger:
             saves = None
         if saves is None:
             saves = self._saved[key] = []
-        packed = _Packed(t, self._module_stack[-1])
+        packed = _Packed(t, self._module_stack[-1], self._functions.name if self._functions else "")
         saves.append(weakref.ref(packed))
         return packed
 
@@ -201,9 +244,13 @@ class SavedTensorLedger:
             self._install_module_hooks()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
+        self._functions = _OutermostFunction()
+        self._functions.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._functions.__exit__(*exc)
+        self._functions = None
         self._hooks.__exit__(*exc)
         for h in self._handles:
             h.remove()
@@ -292,7 +339,7 @@ class SavedTensorLedger:
             owner = live[-1]
             t = owner.tensor
             records.append(SavedRecord(key, t.untyped_storage().nbytes(), owner.module, tuple(t.shape),
-                                       t.dtype, owner.op))
+                                       t.dtype, owner.op, owner.function))
         return LedgerReport(records)
 
 

@@ -3,24 +3,15 @@
 Parameters are named `weight` and `bias` as in torch.nn.LayerNorm / torch.nn.RMSNorm, so state
 dicts load either way; `from_torch` reuses the stock module's Parameter objects.
 """
-import numbers
-
 import torch
 from torch import nn
 
-from ..ops.norm import layer_norm_impl, rms_norm_impl
+from ..ops.norm import feature_size, layer_norm_impl, recover_mode, rms_norm_impl
 
 
 def _single_feature_dim(normalized_shape, cls_name):
-    """The size N of the one normalised (last) dimension; these ops normalise over one dim."""
-    if isinstance(normalized_shape, numbers.Integral):
-        shape = (int(normalized_shape),)
-    else:
-        shape = tuple(int(s) for s in normalized_shape)
-    if len(shape) != 1 or shape[0] < 1:
-        raise ValueError(f"{cls_name}: normalized_shape must be one positive size (the last "
-                         f"dimension), got {normalized_shape!r}")
-    return shape
+    """(N,) for the one normalised (last) dimension; these ops normalise over one dim."""
+    return (feature_size(normalized_shape, cls_name),)
 
 
 def _torch_norm_supported(cls, module, stock_cls, strict):
@@ -48,19 +39,20 @@ class TempoLayerNorm(nn.Module):
     """Drop-in for nn.LayerNorm over the last dimension that saves its output y (shared with the
     next layer) and one fp32 rstd per row for backward, instead of its input and two statistics.
 
-    Attribute `recover_check` (default True): check before a training forward that gamma lets the
-    input be recovered from the output, and keep the input for that call if not. The check costs
-    one device-to-host sync per parameter state, i.e. at most one per optimizer step (see
-    tempo_ds/ops/norm.py and docs/norm.md).
+    Attribute `recover_check` (constructor keyword; read at every forward): what the backward
+    does where gamma does not let the input be recovered from the output. "clamp" (default)
+    keeps the gradients finite with no host sync (gamma clamped by magnitude where it is below one
+    step of the output) and warns after the next optimizer step; "exact" checks on the host before every training forward (one sync per call) and keeps
+    the input for that call; "off" does neither (see tempo_ds/ops/norm.py and docs/norm.md).
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None,
-                 dtype=None, *, recover_check=True):
+                 dtype=None, *, recover_check="clamp"):
         super().__init__()
         self.normalized_shape = _single_feature_dim(normalized_shape, type(self).__name__)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        self.recover_check = recover_check
+        self.recover_check = recover_mode(recover_check)
         factory = {"device": device, "dtype": dtype}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
@@ -84,7 +76,7 @@ class TempoLayerNorm(nn.Module):
         return layer_norm_impl(x, self.weight, self.bias, self.eps, self.recover_check, owner=self)
 
     @classmethod
-    def from_torch(cls, module, strict=True, recover_check=True):
+    def from_torch(cls, module, strict=True, recover_check="clamp"):
         """Build from an nn.LayerNorm, reusing its Parameter objects (no copy, no re-init).
 
         A LayerNorm over several trailing dimensions raises ValueError, or returns None when
@@ -112,12 +104,12 @@ class TempoRMSNorm(nn.Module):
     """
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *,
-                 recover_check=True):
+                 recover_check="clamp"):
         super().__init__()
         self.normalized_shape = _single_feature_dim(normalized_shape, type(self).__name__)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        self.recover_check = recover_check
+        self.recover_check = recover_mode(recover_check)
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -133,7 +125,7 @@ class TempoRMSNorm(nn.Module):
         return rms_norm_impl(x, self.weight, self.eps, self.recover_check, owner=self)
 
     @classmethod
-    def from_torch(cls, module, strict=True, recover_check=True):
+    def from_torch(cls, module, strict=True, recover_check="clamp"):
         """Build from a torch.nn.RMSNorm, reusing its weight Parameter; eps=None stays None.
 
         An RMSNorm over several trailing dimensions raises ValueError, or returns None when

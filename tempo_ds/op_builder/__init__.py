@@ -2,6 +2,7 @@
 from .builder import TempoCPUOpBuilder, TempoCUDAOpBuilder, csrc_path, resolve_cuda_home
 from .core import CoreCPUBuilder, CoreCUDABuilder
 from .dropout import DropoutCPUBuilder, DropoutCUDABuilder
+from .progress import build_deepspeed_shm_op
 
 # family -> (CPU builder, CUDA builder); later families register here.
 FAMILIES = {
@@ -13,6 +14,6 @@ ALL_BUILDERS = [cls for pair in FAMILIES.values() for cls in pair]
 
 __all__ = [
     "ALL_BUILDERS", "FAMILIES", "CoreCPUBuilder", "CoreCUDABuilder", "DropoutCPUBuilder",
-    "DropoutCUDABuilder", "TempoCPUOpBuilder", "TempoCUDAOpBuilder", "csrc_path",
+    "DropoutCUDABuilder", "build_deepspeed_shm_op", "TempoCPUOpBuilder", "TempoCUDAOpBuilder", "csrc_path",
     "resolve_cuda_home",
 ]

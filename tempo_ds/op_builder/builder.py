@@ -22,6 +22,7 @@ from pathlib import Path
 from deepspeed.ops.op_builder.builder import CUDAOpBuilder, OpBuilder
 
 from .._shipped import shipped_dir
+from .progress import jit_cached, timed_load
 
 CSRC = shipped_dir("csrc")
 
@@ -71,6 +72,8 @@ class TempoBuilderMixin:
     """What every tempo_ds builder shares: absolute paths, the prebuilt-module lookup, the cache."""
 
     NAME = None
+    FAMILY = None  # the key of op_builder.FAMILIES
+    DEVICE = None  # "cpu" or "cuda"
     _tempo_loaded = {}
     _stale_warned = set()
 
@@ -131,28 +134,36 @@ class TempoBuilderMixin:
         return module
 
     def is_built(self):
-        """True when a prebuilt or JIT-cached build exists (nothing is compiled to find out)."""
-        if self.prebuilt() is not None:
-            return True
-        from torch.utils.cpp_extension import _get_build_directory
-        build_dir = Path(_get_build_directory(self.NAME, verbose=False))
-        return any(build_dir.glob(f"{self.NAME}*.so"))
+        """True when a prebuilt or JIT-cached build of the current sources exists, so that a load
+        compiles nothing (nothing is compiled to find out)."""
+        return self.prebuilt() is not None or self.jit_cached()
 
     def is_loaded(self):
         return self.NAME in TempoBuilderMixin._tempo_loaded
 
+    def jit_cached(self):
+        """True when the JIT cache holds a build of the current sources (their digest is in its
+        build.ninja), so that a load takes under a second; False when loading builds."""
+        flags = self.digest_flags()
+        return jit_cached(self.NAME, flags[0] if flags else None)
+
     def load(self, verbose=False):
+        """The op module: prebuilt, else JIT-built (saying so, with its time) or loaded from the
+        cache; once per process."""
         cache = TempoBuilderMixin._tempo_loaded
         if self.NAME not in cache:
             module = self.prebuilt()
             if module is None:
-                module = self.jit_load(verbose)
+                what = f"op family {self.FAMILY!r} for {self.DEVICE}"
+                module = timed_load(lambda: self.jit_load(verbose), what, self.NAME, self.jit_cached())
             cache[self.NAME] = module
         return cache[self.NAME]
 
 
 class TempoCPUOpBuilder(TempoBuilderMixin, OpBuilder):
     """C++/OpenMP build of an op family (g++, no nvcc)."""
+
+    DEVICE = "cpu"
 
     def cxx_args(self):
         return ["-O3", "-std=c++20", "-fopenmp", "-Wno-reorder"] + self.digest_flags()
@@ -171,6 +182,8 @@ class TempoCPUOpBuilder(TempoBuilderMixin, OpBuilder):
 class TempoCUDAOpBuilder(TempoBuilderMixin, CUDAOpBuilder):
     """nvcc build of an op family. It compiles without a GPU (CI compiles every CUDA op) as long
     as TORCH_CUDA_ARCH_LIST names the target, e.g. 9.0 for H100/H200."""
+
+    DEVICE = "cuda"
 
     def include_paths(self):
         return super().include_paths() + _cuda_runtime_include_dirs()

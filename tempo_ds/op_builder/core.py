@@ -3,6 +3,7 @@ from .builder import TempoCPUOpBuilder, TempoCUDAOpBuilder, csrc_path
 
 
 class CoreCPUBuilder(TempoCPUOpBuilder):
+    FAMILY = "core"
     BUILD_VAR = "TEMPO_BUILD_CORE"
     NAME = "tempo_core_cpu"
 
@@ -15,6 +16,7 @@ class CoreCPUBuilder(TempoCPUOpBuilder):
 
 
 class CoreCUDABuilder(TempoCUDAOpBuilder):
+    FAMILY = "core"
     BUILD_VAR = "TEMPO_BUILD_CORE"
     NAME = "tempo_core_cuda"
 

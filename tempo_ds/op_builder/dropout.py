@@ -4,6 +4,7 @@ from .builder import TempoCPUOpBuilder, TempoCUDAOpBuilder, csrc_path
 
 
 class DropoutCPUBuilder(TempoCPUOpBuilder):
+    FAMILY = "dropout"
     BUILD_VAR = "TEMPO_BUILD_DROPOUT"
     NAME = "tempo_dropout_cpu"
 
@@ -16,6 +17,7 @@ class DropoutCPUBuilder(TempoCPUOpBuilder):
 
 
 class DropoutCUDABuilder(TempoCUDAOpBuilder):
+    FAMILY = "dropout"
     BUILD_VAR = "TEMPO_BUILD_DROPOUT"
     NAME = "tempo_dropout_cuda"
 

@@ -10,13 +10,33 @@
 import os
 import threading
 import warnings
+from types import SimpleNamespace
 
 from ..op_builder import FAMILIES
-from . import reference
+from . import reference as ref
+from . import reference_dropout as ref_dropout
 
 _MODES = ("auto", "built", "torch")
 _lock = threading.Lock()
 _cache = {}
+
+
+class Fallback(SimpleNamespace):
+    """A kernel module made of the PyTorch references (tempo_ds.ops.reference*)."""
+
+
+# The PyTorch implementation of each op family, attribute for attribute the compiled module's.
+FALLBACKS = {
+    "core": Fallback(gelu_fwd=ref.gelu_fwd, gelu_bwd=ref.gelu_bwd, gelu_bwd_table=ref.gelu_bwd_table,
+                     layer_norm_fwd=ref.layer_norm_fwd, layer_norm_bwd=ref.layer_norm_bwd,
+                     rms_norm_fwd=ref.rms_norm_fwd, rms_norm_bwd=ref.rms_norm_bwd),
+    "dropout": Fallback(dropout_fwd=ref_dropout.dropout_fwd, dropout_mask=ref_dropout.dropout_mask,
+                        dropout_mask_block=ref_dropout.dropout_mask_block,
+                        bias_dropout_add_fwd=ref_dropout.bias_dropout_add_fwd,
+                        softmax_dropout_fwd=ref_dropout.softmax_dropout_fwd,
+                        softmax_dropout_regen=ref_dropout.softmax_dropout_regen,
+                        softmax_dropout_bwd=ref_dropout.softmax_dropout_bwd),
+}
 
 
 def mode():
@@ -53,7 +73,7 @@ def ops(family, device):
         if family not in FAMILIES:  # a caller's mistake, not a build failure: raise in every mode
             raise ValueError(f"unknown op family {family!r}; known: {sorted(FAMILIES)}")
         if chosen == "torch":
-            module = reference.FALLBACKS[family]
+            module = FALLBACKS[family]
         else:
             name = f"{family!r} for device type {device_type!r}"
             try:
@@ -70,14 +90,14 @@ def ops(family, device):
                     f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}); using the "
                     "PyTorch implementation with the same saving contract, which is slower",
                     RuntimeWarning, stacklevel=3)
-                module = reference.FALLBACKS[family]
+                module = FALLBACKS[family]
         _cache[key] = module
         return module
 
 
 def is_compiled(module):
     """True when `module` is a compiled extension rather than the PyTorch fallback."""
-    return not isinstance(module, reference.Fallback)
+    return not isinstance(module, Fallback)
 
 
 def loaded_modules():

@@ -127,13 +127,19 @@ class BiasDropoutAddFunction(torch.autograd.Function):
         return grad_x, grad_bias, grad, None
 
 
-def dropout(x, p=0.5, training=True):
-    """Dropout that keeps an 8-byte seed for backward instead of a mask.
+def dropout(x, p=0.5, training=True, inplace=False):
+    """Dropout that keeps an 8-byte seed for backward instead of a mask. Takes the arguments of
+    torch.nn.functional.dropout(input, p, training, inplace), positionally or by keyword.
 
     Args:
         x: float tensor of any shape and layout.
         p: probability of zeroing an element, in [0, 1). Kept elements are scaled by 1 / (1 - p).
         training: False (or p == 0) returns x itself and draws no random number.
+        inplace: must be False. True raises a ValueError: the kernel writes a new tensor, so an
+            in-place call could only copy back into x, and x is often a tensor that a Tempo op
+            keeps for backward (GELU and the norms keep their outputs), which backward would then
+            refuse as modified. A caller that ignores the return value of an in-place call would
+            silently train without dropout under a warning-only fallback; an error costs one edit.
 
     Saves for backward: one int64 seed (8 bytes). Stock dropout saves a 1-byte mask per element.
 
@@ -142,6 +148,10 @@ def dropout(x, p=0.5, training=True):
     """
     check_float_tensor("x", x)
     check_probability("p", p)
+    if inplace:
+        raise ValueError("inplace=True is not supported by tempo_ds.ops.dropout (it would overwrite a "
+                         "tensor that Tempo ops may keep for backward); pass inplace=False and use "
+                         "the returned tensor")
     if not training or p == 0.0:
         return x
     return DropoutFunction.apply(x, float(p))

@@ -75,7 +75,9 @@ class GeluFunction(torch.autograd.Function):
 
 
 def gelu(x, approximate="none"):
-    """GELU(x) that keeps only its output and a bit-packed branch mask for backward.
+    """GELU(x) that keeps only its output and a bit-packed branch mask for backward. Takes the
+    arguments of torch.nn.functional.gelu(input, approximate="none"); approximate may also be
+    given positionally, which F.gelu refuses.
 
     Args:
         x: tensor of any shape and layout, float16/bfloat16/float32/float64.

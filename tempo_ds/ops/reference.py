@@ -89,18 +89,20 @@ def unpack_bits(bits, n):
     return ((bits.unsqueeze(-1) >> shifts) & 1).view(-1)[:n].bool()
 
 
-def _compute_dtype(dtype):
+def compute_dtype(dtype):
+    """The dtype the GELU and dropout references compute in for tensors of `dtype`: float64 for
+    float32 and float64, float32 for float16 and bfloat16."""
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def gelu_fwd(x, tanh_form):
-    acc = x.to(_compute_dtype(x.dtype))
+    acc = x.to(compute_dtype(x.dtype))
     y = gelu_value(acc, tanh_form).to(x.dtype)
     return [y, pack_bits(acc < GELU_FORMS[tanh_form].x_star)]
 
 
 def gelu_bwd(dy, y, bits, tanh_form):
-    acc = _compute_dtype(y.dtype)
+    acc = compute_dtype(y.dtype)
     left = unpack_bits(bits, y.numel()).view(y.shape)
     d = gelu_derivative_from_output(y.to(acc), left, tanh_form)
     return (dy.to(acc) * d).to(y.dtype)
@@ -117,9 +119,76 @@ def gelu_bwd_table(dy, y, bits, table):
 
 
 # -- LayerNorm / RMSNorm ---------------------------------------------------------------------
+# The recoverability rule and the clamp of tempo/norm.h (tempo_ds.ops.norm applies them).
+# kNormRecoverMargin and kNormClampMargin of csrc/includes/tempo/norm.h.
+RECOVER_MARGIN = 16.0
+CLAMP_MARGIN = 1.0
+
+
+def recover_bound(dtype, margin=RECOVER_MARGIN):
+    """R of the recoverability rule for an output of `dtype`: 1 / (16 * eps(dtype)); with
+    margin=CLAMP_MARGIN, the bound under which the backward clamps gamma: 1 / eps(dtype)."""
+    return 1.0 / (margin * torch.finfo(dtype).eps)
+
+
+def recover_floor(dtype):
+    """The floor under |beta_j| in the recoverability rule: the smallest normal number of `dtype`.
+
+    Subnormal outputs are spaced tiny * eps apart whatever their size, so with beta_j = 0 a
+    gamma_j below tiny / R gives y_j values whose rounding costs x_hat_j more than the rule's
+    1/16 (fp16: |gamma_j| <= 9.5e-7; bf16 and fp32 only for subnormal gamma_j).
+    """
+    return torch.finfo(dtype).tiny
+
+
+def norm_acc_params(weight, bias):
+    """gamma (1 where absent) and beta (or None) as the kernels read them: fp32, fp64 for fp64."""
+    ref = weight if weight is not None else bias
+    acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    gamma = weight.detach().to(acc) if weight is not None else torch.ones_like(bias, dtype=acc)
+    beta = bias.detach().to(acc) if bias is not None else None
+    return gamma, beta
+
+
+def _limit(beta, dtype):
+    """max(|beta_j|, tiny): a tensor with NaN kept (clamp propagates it, so NaN is never flagged),
+    or the float tiny without beta."""
+    floor = recover_floor(dtype)
+    return floor if beta is None else beta.abs().clamp(min=floor)
+
+
+def unrecoverable_features(weight, bias, dtype):
+    """Bool mask [N] of the features whose x_hat cannot be recovered from an output of `dtype`.
+
+    weight or bias may be None (gamma = 1, beta = 0). NaN parameters count as recoverable, so
+    that NaN reaches the gradients. Runs on the parameters' device without synchronising.
+    """
+    gamma, beta = norm_acc_params(weight, bias)
+    # gamma == 0 is caught here too (0 <= floor); NaN compares False. R is a power of two, so
+    # the product is exact and the kernels' test (norm_recover_gamma) gives the same mask.
+    return gamma.abs() * recover_bound(dtype) <= _limit(beta, dtype)
+
+
+def recovery_gamma(weight, bias, dtype, clamp=True):
+    """The gamma the backward recovers x_hat with, from an output of `dtype` (fp32 or fp64 [N]).
+
+    gamma itself, or, where |gamma| <= c = eps(dtype) * max(|beta|, tiny) and clamp is set, c
+    with gamma's sign (+ for zero): the statement of norm_recover_gamma in
+    csrc/includes/tempo/norm.h, used by the PyTorch fallback kernels.
+    """
+    gamma, beta = norm_acc_params(weight, bias)
+    if not clamp:
+        return gamma
+    limit = torch.as_tensor(_limit(beta, dtype), dtype=gamma.dtype, device=gamma.device)
+    bound = recover_bound(dtype, CLAMP_MARGIN)
+    clamped = torch.where(gamma < 0, -limit / bound, limit / bound)
+    return torch.where(gamma.abs() * bound <= limit, clamped, gamma)
+
+
 # Statements of tempo/norm.h: the forward keeps y and rstd; the backward recovers
-# x_hat = (y - beta) / gamma. Inputs are [..., N], read as M rows; weight / bias are [N] or None;
-# rstd is [M]. Outputs have the inputs' shape.
+# x_hat = (y - beta) / gamma, gamma clamped by magnitude where it holds almost nothing of x_hat
+# if clamp_gamma (recovery_gamma below). Inputs are [..., N], read as M rows;
+# weight / bias are [N] or None; rstd is [M]. Outputs have the inputs' shape.
 
 def _norm_acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -138,7 +207,7 @@ def _norm_fwd(x, weight, bias, eps, centred):
     return [y.to(x.dtype), rstd.view(-1)]
 
 
-def _norm_bwd(dy, y, rstd, weight, bias, centred):
+def _norm_bwd(dy, y, rstd, weight, bias, centred, clamp_gamma):
     acc = _norm_acc(y.dtype)
     dya = dy.to(acc)
     xhat = y.to(acc)
@@ -146,8 +215,9 @@ def _norm_bwd(dy, y, rstd, weight, bias, centred):
     if bias is not None:
         xhat = xhat - bias.to(acc)
     if weight is not None:
-        xhat = xhat / weight.to(acc)
         g = dya * weight.to(acc)
+    if weight is not None or bias is not None:
+        xhat = xhat / recovery_gamma(weight, bias, y.dtype, clamp_gamma)
     mean_g = g.mean(-1, keepdim=True) if centred else 0
     dx = rstd.view(*y.shape[:-1], 1) * (g - mean_g - xhat * (g * xhat).mean(-1, keepdim=True))
     features = y.shape[-1]
@@ -160,29 +230,14 @@ def layer_norm_fwd(x, weight, bias, eps):
     return _norm_fwd(x, weight, bias, eps, centred=True)
 
 
-def layer_norm_bwd(dy, y, rstd, weight, bias):
-    return _norm_bwd(dy, y, rstd, weight, bias, centred=True)
+def layer_norm_bwd(dy, y, rstd, weight, bias, clamp_gamma):
+    return _norm_bwd(dy, y, rstd, weight, bias, True, clamp_gamma)
 
 
 def rms_norm_fwd(x, weight, eps):
     return _norm_fwd(x, weight, None, eps, centred=False)
 
 
-def rms_norm_bwd(dy, y, rstd, weight):
-    return _norm_bwd(dy, y, rstd, weight, None, centred=False)[:2]
+def rms_norm_bwd(dy, y, rstd, weight, clamp_gamma):
+    return _norm_bwd(dy, y, rstd, weight, None, False, clamp_gamma)[:2]
 
-
-class Fallback(SimpleNamespace):
-    """A kernel module made of the PyTorch functions above."""
-
-
-FALLBACKS = {
-    "core": Fallback(gelu_fwd=gelu_fwd, gelu_bwd=gelu_bwd, gelu_bwd_table=gelu_bwd_table,
-                     layer_norm_fwd=layer_norm_fwd, layer_norm_bwd=layer_norm_bwd,
-                     rms_norm_fwd=rms_norm_fwd, rms_norm_bwd=rms_norm_bwd),
-}
-
-# The dropout family keeps its fallbacks in their own module (Philox in PyTorch).
-from .reference_dropout import register as _register_dropout  # noqa: E402
-
-_register_dropout(FALLBACKS)

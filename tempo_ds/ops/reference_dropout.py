@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .reference import compute_dtype
+
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUNDS = 10
@@ -51,10 +53,6 @@ def keep_mask(seed, n, p, device=None):
     return words >= dropout_threshold(p)
 
 
-def _acc(dtype):
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _keep_scale(seed, n, p, acc, device):
     """Per-element multiplier keep / (1 - p) in the compute dtype (0 where dropped)."""
     keep = keep_mask(seed, n, p, device)
@@ -62,7 +60,7 @@ def _keep_scale(seed, n, p, acc, device):
 
 
 def dropout_fwd(x, seed, p):
-    acc = _acc(x.dtype)
+    acc = compute_dtype(x.dtype)
     return (x.to(acc) * _keep_scale(seed, x.numel(), p, acc, x.device).view(x.shape)).to(x.dtype)
 
 
@@ -85,7 +83,7 @@ def dropout_mask_block(seed, p, offset, outer, outer_stride, rows, row_stride, c
 
 
 def bias_dropout_add_fwd(x, bias, residual, seed, p):
-    acc = _acc(x.dtype)
+    acc = compute_dtype(x.dtype)
     v = (x.to(acc).view(-1, bias.numel()) + bias.to(acc)).view(x.shape) if bias is not None else x.to(acc)
     keep = _keep_scale(seed, x.numel(), p, acc, x.device).view(x.shape)
     return (residual.to(acc).view(x.shape) + v * keep).to(x.dtype)  # x's shape, not a view
@@ -103,7 +101,7 @@ def mask_of(mask, causal, shape, device):
 
 
 def softmax_dropout_fwd(scores, mask, causal, scale, seed, p, keep_fp32):
-    acc = _acc(scores.dtype)
+    acc = compute_dtype(scores.dtype)
     masked = mask_of(mask, causal, scores.shape, scores.device)
     x = (scores.to(acc) * scale).masked_fill(masked, MASKED_SCORE)
     y = torch.softmax(x, dim=-1)
@@ -115,25 +113,16 @@ def softmax_dropout_fwd(scores, mask, causal, scale, seed, p, keep_fp32):
 
 
 def softmax_dropout_regen(probs, seed, p, out_dtype):
-    acc = _acc(out_dtype)
+    acc = compute_dtype(out_dtype)
     y = probs.to(out_dtype).to(acc)
     return (y * _keep_scale(seed, probs.numel(), p, acc, probs.device).view(probs.shape)).to(out_dtype)
 
 
 def softmax_dropout_bwd(grad, probs, mask, causal, scale, seed, p, out_dtype):
-    acc = _acc(grad.dtype)
+    acc = compute_dtype(grad.dtype)
     gp = grad.to(acc) * _keep_scale(seed, grad.numel(), p, acc, grad.device).view(grad.shape)
     y = probs.to(acc)
     dot = (gp * y).sum(dim=-1, keepdim=True)
     gs = scale * y * (gp - dot)
     return gs.masked_fill(mask_of(mask, causal, grad.shape, grad.device), 0.0).to(out_dtype)
 
-
-def register(fallbacks):
-    """Add the dropout family to reference.FALLBACKS."""
-    from .reference import Fallback
-    fallbacks["dropout"] = Fallback(
-        dropout_fwd=dropout_fwd, dropout_mask=dropout_mask, dropout_mask_block=dropout_mask_block,
-        bias_dropout_add_fwd=bias_dropout_add_fwd,
-        softmax_dropout_fwd=softmax_dropout_fwd, softmax_dropout_regen=softmax_dropout_regen,
-        softmax_dropout_bwd=softmax_dropout_bwd)

@@ -1,1 +1,1 @@
-"""The launch scripts' Python side: model builders (models.py) and the trainer (train.py)."""
+"""The launch scripts' Python side: the DeepSpeed trainer (train.py) over tempo_ds.workload."""

@@ -4,31 +4,41 @@
     deepspeed --num_gpus 2 -m tempo_ds.training.train --model bert ...        # any launcher
     bash launch/train_gpt2.sh / deepspeed launch/train_gpt2.sh                # docs/launch.md
 
-Everything Tempo-specific sits in tempo_ds.initialize (called instead of deepspeed.initialize) and
-in the model builder's choice of layer spec; the loop is an ordinary DeepSpeed loop.
+The model, its batches, its loss and the process group come from tempo_ds.workload. Everything
+Tempo-specific sits in tempo_ds.initialize (called instead of deepspeed.initialize) and in the
+choice of layer spec (spec_for); the loop is an ordinary DeepSpeed loop.
+
+Which spec: with every kind of ds_config's "tempo" on (the default of `"tempo": true`), the Tempo
+spec; with some kinds off, or "attention": "stock", the stock local spec, of which
+tempo_ds.initialize swaps the kinds that are on; with Tempo off, the stock spec. Either way the
+parameters, their names and their initial values are the same, so stock and Tempo runs with the
+same seed start from the same model and their checkpoints load into each other.
 
 Reproducibility: sample i of the dataset depends only on (seed, i), and the RNG is reseeded from
 (seed, step, data-parallel rank) at every step, so a run resumed from a checkpoint at step k
-continues the loss trajectory of the uninterrupted run exactly (tests/test_deepspeed_checkpoint.py).
+continues the loss trajectory of the uninterrupted run exactly (tests/test_deepspeed_train.py,
+test_resume_continues_trajectory).
 """
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
+from tempo_ds import workload
 from tempo_ds._shipped import shipped_dir
 
 logger = logging.getLogger("tempo_ds")
 
 CONFIGS = shipped_dir("configs")
 DEFAULT_CONFIGS = {"gpt2": str(CONFIGS / "ds_config_gpt2.json"), "bert": str(CONFIGS / "ds_config_bert.json")}
-DEFAULT_SIZES = {"gpt2": ("tiny", "124m"), "bert": ("tiny", "base")}  # (CPU, GPU)
+DEFAULT_SIZES = {"gpt": ("tiny", "124m"), "bert": ("tiny", "base")}  # (CPU, GPU)
 
 
 def parse_args(argv=None):
@@ -68,7 +78,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@dataclass
+@dataclasses.dataclass
 class Result:
     """What a run did; rank 0's view (losses are averaged over data-parallel ranks)."""
     losses: list = field(default_factory=list)
@@ -81,15 +91,46 @@ class Result:
     activation_bytes: dict = field(default_factory=dict)
 
 
-def _single_process_defaults():
-    """Without a launcher, run as rank 0 of 1 (DeepSpeed otherwise looks for MPI)."""
-    if "RANK" in os.environ:
-        return
-    from tempo_ds.megatron.parallel import free_local_port
-    # Without RANK no launcher set this process up, so a MASTER_PORT in the environment is a
-    # leftover of some other process group: take a free port instead.
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_local_port()))
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run as the command line and the machine resolve it: `args` as parsed (never modified),
+    and what is derived from them."""
+    args: argparse.Namespace
+    arch: str            # "gpt" or "bert"
+    size: str            # a key of workload.SIZES[arch]
+    seq_length: int
+    steps: int
+    on_cpu: bool
+    ds_config: dict      # the file with the command line's overrides, without "tempo"
+    tempo: object        # TempoConfig, parsed once from the file's "tempo"
+    bf16: bool
+
+
+def resolve(args):
+    """The RunConfig of `args`: machine-dependent defaults filled in, the "tempo" key validated
+    before anything slow happens."""
+    from tempo_ds.deepspeed.config import split_config
+
+    on_cpu = not torch.cuda.is_available()
+    arch = workload.arch_of(args.model)
+    size = args.size or DEFAULT_SIZES[arch][0 if on_cpu else 1]
+    workload.shape_of(arch, size)  # an unknown --size fails here, before anything slow
+    # The one parse of "tempo": the TempoConfig is handed down, DeepSpeed gets the rest.
+    tempo, ds_config = split_config(build_ds_config(args, on_cpu))
+    return RunConfig(
+        args=args, arch=arch, size=size,
+        seq_length=args.seq_length or (128 if on_cpu else (1024 if arch == "gpt" else 512)),
+        steps=args.steps if args.steps is not None else (60 if on_cpu else 1000),
+        on_cpu=on_cpu, ds_config=ds_config, tempo=tempo,
+        bf16=bool(ds_config.get("bf16", {}).get("enabled")))
+
+
+def spec_for(tempo):
+    """The layer spec ("tempo" or "stock") the trainer builds for a TempoConfig (module
+    docstring): the Tempo spec only when it covers every kind that is on."""
+    everything = (tempo.enabled and tempo.gelu and tempo.layernorm and tempo.dropout
+                  and tempo.attention != "stock")
+    return "tempo" if everything else "stock"
 
 
 def _say(message):
@@ -146,27 +187,43 @@ def batch_geometry(ds_config, dp):
     return mb, gas
 
 
-def _data(args, seq_length, num_samples):
-    from tempo_ds.data import ByteTokenizer, default_prefix, parse_special_ids
+def _data(job, num_samples):
+    """(tokenizer, dataset) of the run: --data-path (its sidecar names the tokenizer) or the
+    embedded corpus. A bad --data-path stops every rank with one message printed by rank 0."""
+    from tempo_ds.data import DataError, check_prefix, default_prefix, index_cache_dir, load_prefix_tokenizer
+    from tempo_ds.data import parse_special_ids
     from tempo_ds.data.datasets import MLMDataset, gpt_dataset
 
-    tokenizer = ByteTokenizer(args.vocab_size, **parse_special_ids(args.special_ids))
-    kind = "gpt" if args.model == "gpt2" else "bert"
+    args = job.args
+    error = ""
+    try:
+        # the sidecar's tokenizer (the byte tokenizer without one); --vocab-size/--special-ids override it
+        tokenizer = load_prefix_tokenizer(args.data_path, args.vocab_size, parse_special_ids(args.special_ids))
+        if args.data_path is not None and torch.distributed.get_rank() == 0:
+            check_prefix(args.data_path, tokenizer.vocab_size, job.arch)
+    except DataError as err:
+        error = str(err)
+    # every rank learns whether rank 0 (or any rank) found a problem, so none of them hangs
+    failed = torch.tensor([int(bool(error))])
+    torch.distributed.all_reduce(failed)
+    if failed.item():
+        if error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     if args.data_path is not None:
         prefix = args.data_path
     elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        prefix = default_prefix(kind, tokenizer)
+        prefix = default_prefix(job.arch, tokenizer)
     else:
         prefix = None
     if args.data_path is None:
         # Local rank 0 writes the corpus' indexed dataset on first use; the others wait for it.
         torch.distributed.barrier()
-        prefix = prefix or default_prefix(kind, tokenizer)
-    if args.model == "gpt2":
-        cache = os.path.join(os.path.dirname(os.path.abspath(prefix)), "index_cache")
-        dataset = gpt_dataset(prefix, tokenizer, seq_length, num_samples, args.seed, cache)
+        prefix = prefix or default_prefix(job.arch, tokenizer)
+    if job.arch == "gpt":
+        dataset = gpt_dataset(prefix, tokenizer, job.seq_length, num_samples, args.seed, index_cache_dir(prefix))
     else:
-        dataset = MLMDataset(prefix, tokenizer, seq_length, num_samples, args.seed, nsp=args.nsp)
+        dataset = MLMDataset(prefix, tokenizer, job.seq_length, num_samples, args.seed, nsp=args.nsp)
     return tokenizer, dataset
 
 
@@ -180,35 +237,6 @@ def _batch(dataset, step, micro, gas, mb, device):
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device) for k in items[0]}
 
 
-def _loss(model_kind, model, batch):
-    """Mean token loss (+ NSP loss for BERT) of one micro-batch."""
-    if model_kind == "gpt2":
-        per_token = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                          labels=batch["labels"])
-        mask = batch["loss_mask"]
-        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
-    out = model(batch["text"], batch["padding_mask"], tokentype_ids=batch["types"],
-                lm_labels=batch["labels"])
-    lm, nsp_logits = out if isinstance(out, tuple) else (out, None)
-    mask = batch["loss_mask"]
-    loss = (lm.float() * mask).sum() / mask.sum().clamp(min=1)
-    if nsp_logits is not None:
-        loss = loss + torch.nn.functional.cross_entropy(nsp_logits.float(), batch["is_random"])
-    return loss
-
-
-def _reseed(seed, step):
-    """Dropout masks of step k depend on (seed, k, data-parallel rank) only: resuming at k
-    replays the uninterrupted run. Tensor-parallel ranks share the default generator's seed
-    (Megatron forks its tracker for the sharded parts)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    step_seed = seed + 1000003 * step + 7919 * ps.get_data_parallel_rank()
-    torch.manual_seed(step_seed)
-    model_parallel_cuda_manual_seed(step_seed % (2 ** 31))
-
-
 def _peak_memory(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -220,24 +248,36 @@ def _latest_checkpoint(folder):
     return folder is not None and os.path.isfile(os.path.join(folder, "latest"))
 
 
-def activation_bytes(args, tempo, vocab_size, batch, device, on_cpu):
+def build_model(job, tempo, vocab_size, device=None):
+    """The run's model in the spec `tempo` (a TempoConfig) calls for; returns (model, spec)."""
+    spec = spec_for(tempo)
+    config = workload.model_config(
+        workload.shape_of(job.arch, job.size), tp=job.args.tp, dropout=job.args.dropout,
+        dtype=torch.bfloat16 if job.bf16 else torch.float32, cpu_init=job.on_cpu)
+    model = workload.build_model(job.arch, config, spec=spec, attention=tempo.attention,
+                                 vocab_size=vocab_size, seq_length=job.seq_length,
+                                 nsp=job.args.nsp, device=device)
+    return model, spec
+
+
+def activation_bytes(job, vocab_size, batch, device):
     """Bytes autograd keeps for one forward of the stock spec and of the Tempo model, as
     tempo_ds.memory.SavedTensorLedger counts them (parameters excluded, storages deduplicated)."""
     from tempo_ds.deepspeed.apply import swap_model
     from tempo_ds.deepspeed.config import TempoConfig
     from tempo_ds.memory import SavedTensorLedger
-    from tempo_ds.training.models import build_model
 
     out = {}
-    for name, cfg in (("stock", TempoConfig.disabled()), ("tempo", tempo if tempo.enabled else TempoConfig())):
-        torch.manual_seed(args.seed)
-        model, _ = build_model(args.model, args.size, args.seq_length, vocab_size, args.tp, cfg,
-                               dropout=args.dropout, on_cpu=on_cpu, nsp=args.nsp)
+    for name, cfg in (("stock", TempoConfig.disabled()),
+                      ("tempo", job.tempo if job.tempo.enabled else TempoConfig())):
+        torch.manual_seed(job.args.seed)
+        # float32 whatever the run's dtype, so that the summaries of fp32 and bf16 runs compare.
+        model, _ = build_model(dataclasses.replace(job, bf16=False), cfg, vocab_size)
         if cfg.enabled:
             swap_model(model, cfg, log=False)
         model.to(device).train()
         with SavedTensorLedger(model) as ledger:
-            loss = _loss(args.model, model, batch)
+            loss = workload.loss(job.arch, model, batch)
         out[name] = ledger.report(loss).total_bytes
         del model, loss, ledger
     return out
@@ -245,56 +285,28 @@ def activation_bytes(args, tempo, vocab_size, batch, device, on_cpu):
 
 def run(args):
     """Train as `args` says; returns a Result (meaningful on every rank, printed by rank 0)."""
-    import deepspeed
+    job = resolve(args)
+    with workload.launcher_env(), workload.distributed(tp=args.tp) as device:
+        return _train(job, device)
+
+
+def _train(job, device):
     from megatron.core import parallel_state as ps
 
     import tempo_ds
-    from tempo_ds.deepspeed.config import tempo_entry
     from tempo_ds.deepspeed.mpu import MegatronMPU
-    from tempo_ds.megatron.cpu import enable_cpu, is_cpu_enabled
-    from tempo_ds.training.models import build_model
 
-    _single_process_defaults()
-    on_cpu = not torch.cuda.is_available()
-    args.size = args.size or DEFAULT_SIZES[args.model][0 if on_cpu else 1]
-    args.seq_length = args.seq_length or (128 if on_cpu else (1024 if args.model == "gpt2" else 512))
-    args.steps = args.steps if args.steps is not None else (60 if on_cpu else 1000)
-    ds_config = build_ds_config(args, on_cpu)
-    # Validate "tempo" before anything slow happens; tempo_ds.initialize reads it again.
-    tempo = tempo_entry(ds_config)
-    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-    # megatron's CPU patches, undone on the way out unless a caller had them on already
-    undo_cpu = enable_cpu() if on_cpu and not is_cpu_enabled() else None
-    try:
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
-        if not on_cpu:
-            torch.cuda.set_device(device)
-        ps.initialize_model_parallel(tensor_model_parallel_size=args.tp)
-        try:
-            return _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMPU, tempo_ds)
-        finally:
-            ps.destroy_model_parallel()
-    finally:
-        if undo_cpu is not None:
-            undo_cpu()
-
-
-def _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMPU, tempo_ds):
-    from megatron.core import parallel_state as ps
-
-    _reseed(args.seed, 0)
+    args, tempo, bf16 = job.args, job.tempo, job.bf16
+    workload.reseed(args.seed, 0)
     dp = ps.get_data_parallel_world_size()
-    mb, gas = batch_geometry(ds_config, dp)
-    tokenizer, dataset = _data(args, args.seq_length, max(1, args.steps * gas * dp * mb))
+    mb, gas = batch_geometry(job.ds_config, dp)
+    tokenizer, dataset = _data(job, max(1, job.steps * gas * dp * mb))
 
     torch.manual_seed(args.seed)
-    model, spec = build_model(args.model, args.size, args.seq_length, tokenizer.vocab_size, args.tp,
-                              tempo, dropout=args.dropout, bf16=bf16, on_cpu=on_cpu, nsp=args.nsp)
+    model, spec = build_model(job, tempo, tokenizer.vocab_size)
     engine, _, _, _ = tempo_ds.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config, mpu=MegatronMPU())
+        config=job.ds_config, mpu=MegatronMPU(), tempo=tempo)
     if (engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()) != (mb, gas):
         raise RuntimeError(
             f"DeepSpeed runs micro-batch {engine.train_micro_batch_size_per_gpu()} x accumulation "
@@ -310,19 +322,19 @@ def _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMP
         _say(f"tempo_ds: resumed from {path} at step {result.start_step}")
 
     n_params = sum(p.numel() for p in model.parameters())
-    _say(f"tempo_ds: {args.model} {args.size} ({n_params / 1e6:.2f}M params per TP rank), "
-         f"seq {args.seq_length}, micro-batch {mb} x accumulation {gas} x DP {dp}, TP {args.tp}, "
+    _say(f"tempo_ds: {args.model} {job.size} ({n_params / 1e6:.2f}M params per TP rank), "
+         f"seq {job.seq_length}, micro-batch {mb} x accumulation {gas} x DP {dp}, TP {args.tp}, "
          f"ZeRO {engine.zero_optimization_stage()}, {'bf16' if bf16 else 'fp32'} on {device.type}; "
          f"Tempo {'ON' if tempo.enabled else 'OFF'} ({spec} spec){' ' + json.dumps(tempo.to_dict()) if tempo.enabled else ''}")
 
-    tokens_per_step = args.seq_length * mb * gas * dp
+    tokens_per_step = job.seq_length * mb * gas * dp
     timed_tokens, timed_s = 0, 0.0
-    for step in range(result.start_step, args.steps):
-        _reseed(args.seed, step)
+    for step in range(result.start_step, job.steps):
+        workload.reseed(args.seed, step)
         t0 = time.perf_counter()
         step_loss = torch.zeros((), device=device)
         for micro in range(gas):
-            loss = _loss(args.model, engine, _batch(dataset, step, micro, gas, mb, device))
+            loss = workload.loss(job.arch, engine, _batch(dataset, step, micro, gas, mb, device))
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().float() / gas
@@ -333,23 +345,23 @@ def _train(args, ds_config, tempo, bf16, on_cpu, device, build_model, MegatronMP
         if step > result.start_step:
             timed_tokens, timed_s = timed_tokens + tokens_per_step, timed_s + elapsed
         result.losses.append(step_loss)
-        if (step + 1) % args.log_interval == 0 or step + 1 == args.steps or step == result.start_step:
-            _say(f"step {step + 1:6d}/{args.steps} | loss {step_loss:.4f} | "
+        if (step + 1) % args.log_interval == 0 or step + 1 == job.steps or step == result.start_step:
+            _say(f"step {step + 1:6d}/{job.steps} | loss {step_loss:.4f} | "
                  f"{tokens_per_step / elapsed:,.0f} tokens/s | peak mem {_peak_memory(device) / 2**20:,.0f} MiB"
                  f"{' (RSS)' if device.type == 'cpu' else ''} | tempo {'on' if tempo.enabled else 'off'}")
-        if args.save and args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < args.steps:
+        if args.save and args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < job.steps:
             engine.save_checkpoint(args.save, tag=f"global_step{step + 1}", client_state={"step": step + 1})
-    result.steps = args.steps - result.start_step
+    result.steps = job.steps - result.start_step
     if args.save and result.steps:
-        engine.save_checkpoint(args.save, tag=f"global_step{args.steps}", client_state={"step": args.steps})
-        _say(f"tempo_ds: saved DeepSpeed checkpoint to {args.save} (tag global_step{args.steps})")
+        engine.save_checkpoint(args.save, tag=f"global_step{job.steps}", client_state={"step": job.steps})
+        _say(f"tempo_ds: saved DeepSpeed checkpoint to {args.save} (tag global_step{job.steps})")
     result.tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
     result.peak_memory_bytes = _peak_memory(device)
 
     if args.summary:
         batch = _batch(dataset, 0, 0, gas, mb, device)
         del engine, model
-        result.activation_bytes = activation_bytes(args, tempo, tokenizer.vocab_size, batch, device, on_cpu)
+        result.activation_bytes = activation_bytes(job, tokenizer.vocab_size, batch, device)
         _summary(result)
     return result
 

@@ -26,18 +26,21 @@
                                            const std::optional<at::Tensor>& weight,       \
                                            const std::optional<at::Tensor>& bias, double eps); \
     /* dy, y: [M, N], rstd from layer_norm_fwd. Returns {dx, dweight or None, dbias or    \
-       None}; x_hat is recovered from y, so gamma must be recoverable (see tempo/norm.h). */ \
+       None}; x_hat is recovered from y, with gamma clamped where it does not allow that  \
+       if clamp_gamma (tempo/norm.h: norm_recover_gamma). */                              \
     std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& y,     \
                                            const at::Tensor& rstd,                        \
                                            const std::optional<at::Tensor>& weight,       \
-                                           const std::optional<at::Tensor>& bias);        \
+                                           const std::optional<at::Tensor>& bias,         \
+                                           bool clamp_gamma);                             \
     /* As layer_norm_fwd without centring and without bias. Returns {y, rstd}. */         \
     std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x,                             \
                                          const std::optional<at::Tensor>& weight, double eps); \
     /* As layer_norm_bwd. Returns {dx, dweight or None}. */                               \
     std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& y,       \
                                          const at::Tensor& rstd,                          \
-                                         const std::optional<at::Tensor>& weight);
+                                         const std::optional<at::Tensor>& weight,         \
+                                         bool clamp_gamma);
 
 namespace tempo {
 
