@@ -17,6 +17,11 @@ SEQ = 32
 BATCH = 2
 
 
+# Where the tests' models and batches live: the GPU when there is one (the GPU run exercises
+# Megatron's CUDA RNG tracker and the CUDA kernels), else the CPU under cpu_patches().
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else None
+
+
 def tiny_config(**overrides):
     """workload.model_config of the TINY shape; `overrides` are its arguments or config fields."""
     return workload.model_config(TINY, **overrides)
@@ -27,11 +32,11 @@ def build(arch, spec, config, seed=0, attention="auto", vocab_size=VOCAB):
     vocabulary is padded to a multiple of 128 x TP (workload.padded_vocab_size)."""
     torch.manual_seed(seed)
     return workload.build_model(arch, config, spec=spec, attention=attention, vocab_size=vocab_size,
-                                seq_length=SEQ)
+                                seq_length=SEQ, device=DEVICE)
 
 
 def batch(arch, seed=0):
-    return workload.make_batch(arch, BATCH, SEQ, VOCAB, seed=seed)
+    return workload.make_batch(arch, BATCH, SEQ, VOCAB, seed=seed, device=DEVICE)
 
 
 def reseed(seed):

@@ -254,6 +254,11 @@ def test_ops_gpu_run_records_both_measures():
 H100_TRAIN_REPORTS = sorted(glob.glob(os.path.join(ROOT, "docs", "results", "*", "train_*.json")))
 
 
+def test_the_stored_train_reports_are_found():
+    """The round trip below is parametrized over these files: none found would make it vacuous."""
+    assert len(H100_TRAIN_REPORTS) >= 3
+
+
 @pytest.mark.parametrize("path", H100_TRAIN_REPORTS, ids=os.path.basename)
 def test_stored_train_reports_load_typed_and_round_trip(path):
     """The reports the H100 runs wrote load into the typed Report, and write back field for field

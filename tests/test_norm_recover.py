@@ -213,7 +213,7 @@ def test_exact_mode_checks_every_call(op, clamp_state, monkeypatch):
     assert len(calls) == 6
 
 
-@pytest.mark.parametrize("value,mode", [(True, "clamp"), (False, "off"), ("exact", "exact")])
+@pytest.mark.parametrize("value,mode", [(True, "exact"), (False, "off"), ("exact", "exact"), ("clamp", "clamp")])
 def test_recover_check_values(value, mode):
     assert TempoLayerNorm(8, recover_check=value).recover_check == mode
     assert TempoRMSNorm.from_torch(nn.RMSNorm(8), recover_check=value).recover_check == mode

@@ -52,7 +52,7 @@ def _from_fields(cls, data, what):
 class RunConfig:
     """The settings of one run of the benchmark (every variant shares them)."""
     model: str                    # "gpt2" or "bert"
-    size: str                     # a key of tempo_ds.training.models.SIZES[model], or "custom"
+    size: str                     # a key of tempo_ds.workload.SIZES[arch], or "custom"
     layers: int
     hidden: int
     heads: int

@@ -12,7 +12,47 @@ from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 SPECIALS = ("eod", "pad", "cls", "sep", "mask")
 
 
-class ByteTokenizer(MegatronLegacyTokenizer):
+class _SpecialIdsTokenizer(MegatronLegacyTokenizer):
+    """What both tokenizers share: ids of the special tokens in `self._ids` (name -> id, names
+    from SPECIALS), `self._vocab_size`, and the attributes Megatron's datasets read from them."""
+
+    @staticmethod
+    def _check_special_names(special_ids):
+        unknown = set(special_ids) - set(SPECIALS)
+        if unknown:
+            raise ValueError(f"unknown special token(s) {sorted(unknown)}; known: {SPECIALS}")
+
+    @property
+    def inv_vocab(self):
+        return {i: t for t, i in self.vocab.items()}
+
+    @property
+    def vocab_size(self):
+        return self._vocab_size
+
+    @property
+    def special_ids(self):
+        """{name: id} of the specials this tokenizer has (after overrides)."""
+        return dict(self._ids)
+
+    def _special(self, name):
+        if name not in self._ids:
+            raise NotImplementedError(
+                f"{self._describe()} has no {name} token (looked for "
+                f"{', '.join(HF_SPECIAL_TOKENS[name])}); give one with --special-ids {name}=ID")
+        return self._ids[name]
+
+    def _describe(self):
+        return type(self).__name__
+
+    eod = property(lambda self: self._special("eod"))
+    pad = property(lambda self: self._special("pad"))
+    cls = property(lambda self: self._special("cls"))
+    sep = property(lambda self: self._special("sep"))
+    mask = property(lambda self: self._special("mask"))
+
+
+class ByteTokenizer(_SpecialIdsTokenizer):
     """Bytes -> ids 0..255; eod=256, pad=257, cls=258, sep=259, mask=260.
 
     Megatron's datasets read `eod`, `pad`, `cls`, `sep`, `mask` and `vocab_size` from it.
@@ -22,9 +62,7 @@ class ByteTokenizer(MegatronLegacyTokenizer):
 
     def __init__(self, vocab_size=None, **special_ids):
         super().__init__()
-        unknown = set(special_ids) - set(SPECIALS)
-        if unknown:
-            raise ValueError(f"unknown special token(s) {sorted(unknown)}; known: {SPECIALS}")
+        self._check_special_names(special_ids)
         self._ids = {name: 256 + i for i, name in enumerate(SPECIALS)}
         self._ids.update(special_ids)
         self._vocab_size = vocab_size if vocab_size is not None else 256 + len(SPECIALS)
@@ -39,20 +77,6 @@ class ByteTokenizer(MegatronLegacyTokenizer):
     def vocab(self):
         return {**{bytes([i]).decode("latin-1"): i for i in range(256)},
                 **{f"<{n}>": i for n, i in self._ids.items()}}
-
-    @property
-    def inv_vocab(self):
-        return {i: t for t, i in self.vocab.items()}
-
-    @property
-    def vocab_size(self):
-        return self._vocab_size
-
-    eod = property(lambda self: self._ids["eod"])
-    pad = property(lambda self: self._ids["pad"])
-    cls = property(lambda self: self._ids["cls"])
-    sep = property(lambda self: self._ids["sep"])
-    mask = property(lambda self: self._ids["mask"])
 
 
 def parse_special_ids(text):
@@ -121,7 +145,7 @@ def _load_hf(folder):
     return tok, layout
 
 
-class HFTokenizer(MegatronLegacyTokenizer):
+class HFTokenizer(_SpecialIdsTokenizer):
     """A Hugging Face `tokenizers` tokenizer read from a local folder, with the attributes
     Megatron's datasets and the trainer read (vocab_size, eod, pad, cls, sep, mask).
 
@@ -132,9 +156,7 @@ class HFTokenizer(MegatronLegacyTokenizer):
     """
 
     def __init__(self, folder, vocab_size=None, **special_ids):
-        unknown = set(special_ids) - set(SPECIALS)
-        if unknown:
-            raise ValueError(f"unknown special token(s) {sorted(unknown)}; known: {SPECIALS}")
+        self._check_special_names(special_ids)
         self.folder = str(Path(folder).resolve())
         super().__init__(self.folder)
         self._tok, self.layout = _load_hf(self.folder)
@@ -161,28 +183,5 @@ class HFTokenizer(MegatronLegacyTokenizer):
     def vocab(self):
         return self._tok.get_vocab(with_added_tokens=True)
 
-    @property
-    def inv_vocab(self):
-        return {i: t for t, i in self.vocab.items()}
-
-    @property
-    def vocab_size(self):
-        return self._vocab_size
-
-    @property
-    def special_ids(self):
-        """{name: id} of the specials this tokenizer has (after overrides)."""
-        return dict(self._ids)
-
-    def _special(self, name):
-        if name not in self._ids:
-            raise NotImplementedError(
-                f"tokenizer {self.folder} has no {name} token (looked for "
-                f"{', '.join(HF_SPECIAL_TOKENS[name])}); give one with --special-ids {name}=ID")
-        return self._ids[name]
-
-    eod = property(lambda self: self._special("eod"))
-    pad = property(lambda self: self._special("pad"))
-    cls = property(lambda self: self._special("cls"))
-    sep = property(lambda self: self._special("sep"))
-    mask = property(lambda self: self._special("mask"))
+    def _describe(self):
+        return f"tokenizer {self.folder}"

@@ -2,7 +2,10 @@
 
     engine, optimizer, loader, scheduler = tempo_ds.initialize(model=model, config="ds.json", ...)
 
-With "tempo" false or absent the call is deepspeed.initialize with the same arguments, untouched.
+With "tempo" false or absent the call is deepspeed.initialize with the same arguments, untouched,
+after one thing every call does first: DeepSpeed's own shared-memory op (CPU accelerator) is
+loaded, and built with a progress message when it is not cached, instead of minutes of silence
+inside deepspeed.initialize.
 With it on, before DeepSpeed sees the model: the "tempo" entry is validated once (a mistake fails
 here, not silently), the ops are built or found prebuilt, the stock modules are swapped for Tempo
 ones keeping their parameters (tempo_ds.deepspeed.apply.swap_model, whose report is logged on rank

@@ -34,15 +34,21 @@ def _mark_sequence_parallel(module, config):
         setattr(param, "sequence_parallel", bool(config.sequence_parallel))
 
 
+def _init_the_megatron_way(module, base, config, hidden_size, eps):
+    """base.__init__ (hidden_size, eps) after checking the config, then what Megatron's norms
+    carry: the config, and each parameter marked for sequence parallelism when it is on."""
+    _check_config(config, type(module).__name__)
+    base.__init__(module, hidden_size, eps=eps)
+    module.config = config
+    _mark_sequence_parallel(module, config)
+
+
 class MegatronTempoLayerNorm(TempoLayerNorm):
     """TempoLayerNorm built the Megatron way: params `weight`, `bias` of shape [hidden_size]."""
 
     def __init__(self, config, hidden_size, eps=1e-5, persist_layer_norm=False,
                  zero_centered_gamma=False, normalization="LayerNorm"):
-        _check_config(config, type(self).__name__)
-        super().__init__(hidden_size, eps=eps)
-        self.config = config
-        _mark_sequence_parallel(self, config)
+        _init_the_megatron_way(self, TempoLayerNorm, config, hidden_size, eps)
 
 
 class MegatronTempoRMSNorm(TempoRMSNorm):
@@ -51,10 +57,7 @@ class MegatronTempoRMSNorm(TempoRMSNorm):
 
     def __init__(self, config, hidden_size, eps=1e-5, persist_layer_norm=False,
                  zero_centered_gamma=False, normalization="RMSNorm"):
-        _check_config(config, type(self).__name__)
-        super().__init__(hidden_size, eps=eps)
-        self.config = config
-        _mark_sequence_parallel(self, config)
+        _init_the_megatron_way(self, TempoRMSNorm, config, hidden_size, eps)
 
 
 class TempoNorm:

@@ -42,8 +42,9 @@ class TempoLayerNorm(nn.Module):
     Attribute `recover_check` (constructor keyword; read at every forward): what the backward
     does where gamma does not let the input be recovered from the output. "clamp" (default)
     keeps the gradients finite with no host sync (gamma clamped by magnitude where it is below one
-    step of the output) and warns after the next optimizer step; "exact" checks on the host before every training forward (one sync per call) and keeps
-    the input for that call; "off" does neither (see tempo_ds/ops/norm.py and docs/norm.md).
+    step of the output) and warns after the next optimizer step; "exact" (also True) checks on the
+    host before every training forward (one sync per call) and keeps the input for that call;
+    "off" (also False) does neither (see tempo_ds/ops/norm.py and docs/norm.md).
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None,

@@ -273,7 +273,7 @@ class SwapRefused(ValueError):
         self.kind = kind
 
 
-def swap_modules(model, kinds=None, module_filter=None, options=None, off_reason=None):
+def swap_modules(model, *, kinds=None, module_filter=None, options=None, off_reason=None):
     """Swap, in place, every stock part of `model` that a row has a Tempo twin for.
 
     Args:

@@ -78,6 +78,19 @@ def _apply_mask(kernels, t, seed, p):
     return kernels.dropout_fwd(t.contiguous(), seed, p)  # t's shape, not a view
 
 
+def _keep_seed(ctx, op_name, kernels, seed, shape, p):
+    """What both dropout Functions keep for backward: the seed (and p), nothing of the mask."""
+    ctx.p = p
+    ctx.save_for_backward(seed)
+    report_mask(op_name, kernels, seed, shape, p)
+
+
+def _masked_grad(ctx, grad):
+    """grad * keep / (1 - p), the keep mask regenerated from the seed _keep_seed saved."""
+    (seed,) = ctx.saved_tensors
+    return _apply_mask(_backend.ops("dropout", grad.device), grad, seed, ctx.p)
+
+
 class DropoutFunction(torch.autograd.Function):
     """x * keep / (1 - p) with the keep mask regenerated from a seed in backward."""
 
@@ -86,17 +99,13 @@ class DropoutFunction(torch.autograd.Function):
         kernels = _backend.ops("dropout", x.device)
         seed = draw_seed(x.device)
         y = _apply_mask(kernels, x, seed, p)
-        ctx.p = p
-        ctx.save_for_backward(seed)
-        report_mask("dropout", kernels, seed, x.shape, p)
+        _keep_seed(ctx, "dropout", kernels, seed, x.shape, p)
         return y
 
     @staticmethod
     @once_differentiable  # the kernel applying the mask is not differentiable: raise on double backward
     def backward(ctx, dy):
-        (seed,) = ctx.saved_tensors
-        kernels = _backend.ops("dropout", dy.device)
-        return _apply_mask(kernels, dy, seed, ctx.p), None
+        return _masked_grad(ctx, dy), None
 
 
 class BiasDropoutAddFunction(torch.autograd.Function):
@@ -109,18 +118,14 @@ class BiasDropoutAddFunction(torch.autograd.Function):
         # x's shape, not a view (bias is [h], checked by bias_dropout_add)
         out = kernels.bias_dropout_add_fwd(x.contiguous(), None if bias is None else bias.contiguous(),
                                            residual.contiguous(), seed, p)
-        ctx.p = p
         ctx.bias_shape = bias.shape if bias is not None else None
-        ctx.save_for_backward(seed)
-        report_mask("bias_dropout_add", kernels, seed, x.shape, p)
+        _keep_seed(ctx, "bias_dropout_add", kernels, seed, x.shape, p)
         return out
 
     @staticmethod
     @once_differentiable  # the kernel applying the mask is not differentiable: raise on double backward
     def backward(ctx, grad):
-        (seed,) = ctx.saved_tensors
-        kernels = _backend.ops("dropout", grad.device)
-        grad_x = _apply_mask(kernels, grad, seed, ctx.p)
+        grad_x = _masked_grad(ctx, grad)
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[1]:
             grad_bias = grad_x.view(-1, *ctx.bias_shape).sum(dim=0, dtype=torch.float32).to(grad.dtype)

@@ -125,9 +125,10 @@ def report_unrecoverable_features():
 
 
 def recover_mode(recover_check):
-    """"clamp", "exact" or "off" for a recover_check value (True is "clamp", False is "off")."""
+    """"clamp", "exact" or "off" for a recover_check value. True is "exact" and False "off": what
+    they meant before the default became "clamp", so a caller who asked for the check keeps it."""
     if recover_check is True:
-        return "clamp"
+        return "exact"
     if recover_check is False:
         return "off"
     if recover_check not in RECOVER_CHECKS:

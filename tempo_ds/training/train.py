@@ -92,7 +92,7 @@ class Result:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class TrainJob:
     """A run as the command line and the machine resolve it: `args` as parsed (never modified),
     and what is derived from them."""
     args: argparse.Namespace
@@ -107,7 +107,7 @@ class RunConfig:
 
 
 def resolve(args):
-    """The RunConfig of `args`: machine-dependent defaults filled in, the "tempo" key validated
+    """The TrainJob of `args`: machine-dependent defaults filled in, the "tempo" key validated
     before anything slow happens."""
     from tempo_ds.deepspeed.config import split_config
 
@@ -117,7 +117,7 @@ def resolve(args):
     workload.shape_of(arch, size)  # an unknown --size fails here, before anything slow
     # The one parse of "tempo": the TempoConfig is handed down, DeepSpeed gets the rest.
     tempo, ds_config = split_config(build_ds_config(args, on_cpu))
-    return RunConfig(
+    return TrainJob(
         args=args, arch=arch, size=size,
         seq_length=args.seq_length or (128 if on_cpu else (1024 if arch == "gpt" else 512)),
         steps=args.steps if args.steps is not None else (60 if on_cpu else 1000),
@@ -187,7 +187,7 @@ def batch_geometry(ds_config, dp):
     return mb, gas
 
 
-def _data(job, num_samples):
+def _data(job, num_samples, device):
     """(tokenizer, dataset) of the run: --data-path (its sidecar names the tokenizer) or the
     embedded corpus. A bad --data-path stops every rank with one message printed by rank 0."""
     from tempo_ds.data import DataError, check_prefix, default_prefix, index_cache_dir, load_prefix_tokenizer
@@ -204,7 +204,8 @@ def _data(job, num_samples):
     except DataError as err:
         error = str(err)
     # every rank learns whether rank 0 (or any rank) found a problem, so none of them hangs
-    failed = torch.tensor([int(bool(error))])
+    # on the run's device: an NCCL group reduces CUDA tensors only
+    failed = torch.tensor([int(bool(error))], device=device)
     torch.distributed.all_reduce(failed)
     if failed.item():
         if error:
@@ -300,7 +301,7 @@ def _train(job, device):
     workload.reseed(args.seed, 0)
     dp = ps.get_data_parallel_world_size()
     mb, gas = batch_geometry(job.ds_config, dp)
-    tokenizer, dataset = _data(job, max(1, job.steps * gas * dp * mb))
+    tokenizer, dataset = _data(job, max(1, job.steps * gas * dp * mb), device)
 
     torch.manual_seed(args.seed)
     model, spec = build_model(job, tempo, tokenizer.vocab_size)

@@ -69,7 +69,7 @@ constexpr double kNormClampMargin = 1.0;
 // |gamma_j| <= c_j and clamp is set, c_j with gamma_j's sign (+ for zero). Then
 // (y_j - beta_j) / c_j is x_hat_j * |gamma_j| / c_j plus at most 1/2 of rounding: 0 for
 // gamma_j == 0 with beta_j in y's dtype, and continuous in gamma_j at c_j. |gamma_j| / eps is
-// exact (eps is a power of two), as in tempo_ds/ops/norm.py (recovery_gamma), which this matches.
+// exact (eps is a power of two), as in tempo_ds/ops/reference.py (recovery_gamma), which this matches.
 // NaN gamma or beta is never clamped, so NaN reaches the gradients.
 template <typename storage_t, typename T>
 TEMPO_HD T norm_recover_gamma(T gamma, T beta, bool clamp) {
