@@ -136,10 +136,11 @@ def test_unrecoverable_feature_follows_the_documented_policy(op, gamma_0, clampe
     assert report_unrecoverable_features() == 1
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("clamp", [True, False], ids=["clamp", "off"])
-def test_clamp_same_in_kernel_and_fallback(op, dtype, clamp):
+def test_clamp_same_in_kernel_and_fallback(op, dtype, clamp, device):
     """The compiled backward (norm_recover_gamma) and the PyTorch fallback's (recovery_gamma),
     fed the same saved y and rstd, clamp the same features the same way: zero, tiny and subnormal
     gamma, against beta or alone, with mixed precision; and neither clamps when told not to."""
@@ -148,10 +149,11 @@ def test_clamp_same_in_kernel_and_fallback(op, dtype, clamp):
     w[0], w[1], w[2], w[3] = 0.0, -1e-7, 1e-30, 1e-39
     if op == "layer_norm":
         b[1], b[2] = 3.0, -2.0
+    x, w, b, dy = (t.to(device) for t in (x, w, b, dy))
     params = (w, b) if op == "layer_norm" else (w,)
     bad = unrecoverable_features(w, params[1] if len(params) > 1 else None, dtype)
     assert bad[0] and bad.sum() < 300
-    kernels = _backend.ops("core", "cpu")
+    kernels = _backend.ops("core", device)
     assert _backend.is_compiled(kernels)
     y, rstd = getattr(kernels, f"{op}_fwd")(x, *params, 1e-5)
     compiled = getattr(kernels, f"{op}_bwd")(dy, y, rstd, *params, clamp)
