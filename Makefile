@@ -6,7 +6,16 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: install install-test test test-gpu run bench report
+.PHONY: install install-test test test-compat test-gpu run bench report
+
+# The compatibility job: the Megatron-facing tests against the newest megatron-core we support
+# (tempo_ds.megatron.compat.TESTED; `make test` covers 0.16.1), in a venv of its own that takes
+# torch, deepspeed and tempo_ds (editable) from the main environment. 0.17+ declares Python >= 3.12;
+# on 3.11 it builds from its sdist (a small C++ helper; pip fetches pybind11 for the build).
+MCORE_COMPAT ?= 0.19.2
+COMPAT_VENV ?= .venv-mc019
+COMPAT_TESTS ?= tests/test_compat.py tests/test_megatron_cpu.py tests/test_megatron_specs.py \
+	tests/test_megatron_dropin.py tests/test_megatron_tp.py tests/test_deepspeed_train.py
 
 install:
 	$(PYTHON) -m pip install -e .
@@ -18,6 +27,17 @@ install-test:
 
 test: install-test
 	$(PYTHON) -m pytest -q
+
+$(COMPAT_VENV)/.megatron-core-$(MCORE_COMPAT):
+	$(PYTHON) -m venv --system-site-packages $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --no-deps --ignore-requires-python \
+		--no-binary megatron-core "megatron-core==$(MCORE_COMPAT)"
+	touch $@
+
+# After `make test` (it needs the main environment that target installs).
+test-compat: $(COMPAT_VENV)/.megatron-core-$(MCORE_COMPAT)
+	$(COMPAT_VENV)/bin/python -c "import megatron.core as m; assert m.__version__ == '$(MCORE_COMPAT)', m.__file__"
+	$(COMPAT_VENV)/bin/python -m pytest -q $(COMPAT_TESTS)
 
 # On a GPU machine: the GPU tests (marked "gpu"; the rest is the CPU suite of `make test`).
 test-gpu:

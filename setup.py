@@ -68,8 +68,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.19,<0.20",
-        # 0.17 and later need Python >= 3.12
-        "megatron-core==0.16.1",
+        # 0.16.1 and 0.19.2 are tested in CI (make test, make test-compat); 0.17 and later declare
+        # Python >= 3.12 (on 3.11 they install from the sdist, docs/megatron.md)
+        "megatron-core>=0.16.1,<0.20",
         "ninja",
         "numpy",
     ],
@@ -77,7 +78,12 @@ setup(
         # `tokenizers` reads Hugging Face tokenizer folders for python -m tempo_ds.data.preprocess
         # (encode_batch_fast came in 0.20); the test extra has it so CI runs those tests.
         "data": ["tokenizers>=0.20"],
-        "test": ["pytest>=8", "pyflakes>=3", "tokenizers>=0.20"],
+        # transformers: tempo_ds.hf needs BERT, RoBERTa and GPT-2 on AttentionInterface and masks from
+        # AttentionMaskInterface; 4.57 still has BERT's per-implementation classes. 5.17 is the lowest
+        # checked, 5.24 the highest. The test extra has it, so CI runs tests/test_hf*.py.
+        # accelerate: transformers' Trainer needs it (>= 1.1), with DeepSpeed or without
+        "hf": ["transformers>=5.17,<6", "tokenizers>=0.20", "accelerate>=1.1"],
+        "test": ["pytest>=8", "pyflakes>=3", "tokenizers>=0.20", "transformers>=5.17,<6", "accelerate>=1.1"],
         "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,

@@ -5,7 +5,9 @@
 # Bash half: `bash launch/train_gpt2.sh [trainer options]` starts the DeepSpeed launcher on this same
 # file, which runs the Python half below once per rank. NUM_GPUS sets the number of ranks (default:
 # the visible GPUs, or 2 CPU ranks on gloo without a GPU); DS_LAUNCHER_ARGS adds launcher options
-# such as --hostfile or --master_port.
+# such as --hostfile or --master_port. `--micro-batch auto` takes the largest micro-batch that
+# tempo_ds.plan predicts fits the visible GPU (torch.cuda.mem_get_info) and prints what it chose
+# and why; without a GPU it says so and keeps the config's micro-batch (docs/plan.md).
 script="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)

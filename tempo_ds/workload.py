@@ -158,6 +158,7 @@ def build_model(arch, config, *, spec="stock", attention="auto", vocab_size, seq
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from . import megatron as tm
+    from .megatron import compat
 
     vocab = padded_vocab_size(vocab_size, config.tensor_model_parallel_size)
     if arch == "gpt":
@@ -165,9 +166,12 @@ def build_model(arch, config, *, spec="stock", attention="auto", vocab_size, seq
             layer_spec = get_gpt_layer_local_spec()
         else:
             config, layer_spec = tm.tempo_gpt_model_spec(config, attention=attention)
-        model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=vocab,
-                         max_sequence_length=seq_length, share_embeddings_and_output_weights=True,
-                         position_embedding_type="learned_absolute")
+        with compat.quiet_gpt_model_deprecation():
+            # the Tempo spec's GPTModel has the fused loss head (tempo_ds.megatron.loss_head)
+            model = (GPTModel if spec == "stock" else tm.TempoGPTModel)(
+                config=config, transformer_layer_spec=layer_spec, vocab_size=vocab,
+                max_sequence_length=seq_length, share_embeddings_and_output_weights=True,
+                position_embedding_type="learned_absolute")
     else:
         if spec == "stock":
             cls, layer_spec = BertModel, bert_layer_local_spec

@@ -86,12 +86,12 @@ def test_gelu_swap_takes_twins_to_rounding_only(activation, form):
         assert_within_pytorch_error(acts[0](x), fn(x), fn(x.double()), "GELU")
 
 
-@pytest.mark.parametrize("flag", ["bias_activation_fusion", "gated_linear_unit"])
+# bias_activation_fusion is no longer such a setting: the MLP row installs the fused Tempo
+# bias-GELU there (tests/test_megatron_dropin.py::test_initialize_swaps_the_fused_bias_gelu).
+@pytest.mark.parametrize("flag", ["gated_linear_unit"])
 def test_gelu_swap_leaves_mlps_that_do_not_call_the_attribute(flag, caplog):
-    """With bias-GELU fusion Megatron picks its fused kernel by comparing the function with
-    F.gelu, and a GLU calls config.activation_func: a swapped attribute would fail in the first
-    forward or never run. Those MLPs stay stock, reported with a warning naming the setting, and
-    the model still trains."""
+    """A GLU calls config.activation_func: a swapped attribute would never run. Those MLPs stay
+    stock, reported with a warning naming the setting, and the model still trains."""
     model = mu.build("gpt", "stock", mu.tiny_config(**{flag: True}))
     with caplog.at_level(logging.WARNING, logger="tempo_ds"):
         report = swap_model(model, TempoConfig(attention="stock"))
@@ -293,3 +293,36 @@ def test_rows_of_a_framework_without_provider_are_skipped_quietly(monkeypatch):
     model = torch.nn.Sequential(torch.nn.GELU())
     assert swap.swap_modules(model).swapped == {"gelu": 1} and isinstance(model[0], TempoGELU)
     assert "tempo_ds.megatron.swaps" in sys.modules  # megatron.core is imported in this module
+
+
+class _HoldsIdleDropout(torch.nn.Module):
+    """Keeps a dropout it never calls (it passes only `.p` on, as Hugging Face attention does)
+    beside one it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn_dropout = torch.nn.Dropout(0.1)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.dropout(F.dropout(x, self.attn_dropout.p, self.training))
+
+
+def test_dropout_never_called_is_neither_swapped_nor_counted(monkeypatch):
+    """A dropout module that exists but is never called (an IdleRow names it) is not swapped, not
+    counted, not reported as stock left, and listed apart as never called; the called one is
+    swapped. Without the row it would be swapped and counted."""
+    from tempo_ds.modules import TempoDropout
+    from tempo_ds.modules import swap
+
+    model = _HoldsIdleDropout()
+    assert swap_model(model, TempoConfig(), log=False).swapped == {"dropout": 2}  # no row: counted
+    monkeypatch.setattr(swap, "IDLE_ROWS", {})
+    swap.register(swap.IdleRow(_HoldsIdleDropout, ("attn_dropout",), "dropout", lambda m: "read only for .p"))
+    model = _HoldsIdleDropout()
+    report = swap_model(model, TempoConfig(), log=False)
+    assert report.swapped == {"dropout": 1} and report.left == []
+    assert type(model.attn_dropout) is torch.nn.Dropout and isinstance(model.dropout, TempoDropout)
+    assert report.never_called("dropout") == [("attn_dropout", "read only for .p")]
+    assert not report.warns("dropout")
+    assert "1 never called, not counted: read only for .p" in dict(report.lines())["dropout"]

@@ -20,13 +20,14 @@ def test_absent_and_false_disable():
 def test_true_enables_everything():
     cfg = TempoConfig.parse(True)
     assert cfg == TempoConfig()
-    assert cfg.kinds == {"gelu", "layernorm", "rmsnorm", "dropout", "attention"}
+    assert cfg.kinds == {"gelu", "layernorm", "rmsnorm", "dropout", "attention", "loss"}
 
 
 def test_object_fields():
     cfg = TempoConfig.parse({"gelu": False, "attention": "stock", "build": "prebuilt"})
     assert cfg.enabled and not cfg.gelu and cfg.build == "prebuilt"
-    assert cfg.kinds == {"layernorm", "rmsnorm", "dropout"}
+    assert cfg.kinds == {"layernorm", "rmsnorm", "dropout", "loss"}
+    assert TempoConfig.parse({"loss": False}).kinds == {"gelu", "layernorm", "rmsnorm", "dropout", "attention"}
     assert not TempoConfig.parse({"enabled": False}).kinds
 
 

@@ -86,3 +86,74 @@ def test_distributed_undoes_what_it_made():
     assert dist.is_initialized() == had_group
     assert ps.model_parallel_is_initialized() == had_state
     assert not is_cpu_enabled()
+
+
+# -- each patch is checked against its target before anything is installed ------------------------
+def test_every_patch_matches_its_target_here():
+    import inspect
+
+    resolved = cpu.check_patches()
+    assert len(resolved) == len(cpu.PATCHES)
+    for patch in cpu.PATCHES:
+        # the replacement can be called the way the target is
+        params = tuple(inspect.signature(patch.replacement).parameters)
+        assert params == patch.params, patch.target
+
+
+def _assert_refused(monkeypatch, extra, match):
+    """cpu.PATCHES plus the row `extra` is refused, naming the target and the installed version,
+    and a cpu_patches() entered with it installs none of the other rows."""
+    from tempo_ds.megatron import compat
+
+    rows, before = cpu.PATCHES, _patched_attributes()
+    monkeypatch.setattr(cpu, "PATCHES", rows + (extra,))
+    with pytest.raises(cpu.PatchTargetError, match=match) as info:
+        cpu.check_patches()
+    assert f"megatron-core {compat.version()}" in str(info.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(cpu.PatchTargetError, match=match):
+            with cpu_patches():
+                pass
+        assert not is_cpu_enabled()
+        monkeypatch.setattr(cpu, "PATCHES", rows)
+        assert _patched_attributes() == before
+
+
+def test_patch_whose_target_is_missing_fails_loudly(monkeypatch):
+    missing = cpu.Patch("megatron.core.tensor_parallel.random", "_get_cuda_rng_state_v2", lambda: None,
+                        "a target that moved", params=())
+    _assert_refused(monkeypatch, missing,
+                    r"megatron\.core\.tensor_parallel\.random\._get_cuda_rng_state_v2 cannot be found")
+
+
+def test_patch_whose_module_is_missing_fails_loudly(monkeypatch):
+    moved = cpu.Patch("megatron.core.no_such_module", "fn", lambda: None, "a module that moved", params=())
+    _assert_refused(monkeypatch, moved, r"megatron\.core\.no_such_module\.fn cannot be found")
+
+
+def test_patch_whose_target_signature_changed_fails_loudly(monkeypatch):
+    from megatron.core.tensor_parallel import random as mrandom
+
+    monkeypatch.setattr(mrandom, "_get_cuda_rng_state", lambda device="cuda", clone=False: None)
+    with pytest.raises(cpu.PatchTargetError, match=r"_get_cuda_rng_state takes \(device, clone\), "
+                                                   r"not \(device, clone, graph_safe\)"):
+        cpu.check_patches()
+
+
+def test_patch_whose_target_source_changed_fails_loudly(monkeypatch):
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def add(self, name, seed):
+        raise AssertionError("a body the replacement was not written for")
+
+    monkeypatch.setattr(mrandom.CudaRNGStatesTracker, "add", add)
+    with pytest.raises(cpu.PatchTargetError, match=r"CudaRNGStatesTracker\.add has changed"):
+        cpu.check_patches()
+
+
+def test_every_megatron_patch_was_checked_against_every_tested_release():
+    from tempo_ds.megatron import compat
+
+    for patch in cpu.PATCHES:
+        if patch.module.startswith("megatron."):
+            assert set(patch.sources) == set(compat.TESTED), patch.target

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tempo_ds import megatron as tm
+from tempo_ds.megatron import compat
 from tempo_ds import workload
 
 from . import megatron_utils as mu
@@ -73,14 +74,16 @@ def test_bf16_on_gpu_within_twice_the_stock_error(arch, attention):
     _compare_with_stock(arch, attention, torch.bfloat16)
 
 
-def _compare_with_stock(arch, attention, dtype):
+def _compare_with_stock(arch, attention, dtype, **overrides):
     """Same weights and batch, dropout 0: logits, loss and every gradient of the Tempo model within
-    2x the stock model's own error against a float64 stock model."""
-    config = mu.tiny_config(dtype=dtype)
+    2x the stock model's own error against a float64 stock model, all three built from one config
+    (`overrides` are its fields). Returns the errors printed."""
+    config = mu.tiny_config(dtype=dtype, **overrides)
     stock = mu.build(arch, "stock", config)
     tempo = mu.build(arch, "tempo", config, attention=attention)
+    assert list(tempo.state_dict()) == list(stock.state_dict())
     tempo.load_state_dict(stock.state_dict())
-    reference = mu.build(arch, "stock", mu.tiny_config(dtype=torch.float64))
+    reference = mu.build(arch, "stock", mu.tiny_config(dtype=torch.float64, **overrides))
     reference.load_state_dict(stock.state_dict())
     batch = mu.batch(arch)
 
@@ -100,8 +103,9 @@ def _compare_with_stock(arch, attention, dtype):
         ours, theirs = assert_within_pytorch_error(t_grads[name], s_grads[name], r_grads[name], f"grad {name}")
         worst = max(worst, (ours, theirs))
     errors["worst grad"] = worst
-    print(f"\n{arch}/{attention} {dtype} max |x - fp64| tempo vs stock: " +
+    print(f"\n{arch}/{attention} {dtype} {overrides or ''} max |x - fp64| tempo vs stock: " +
           ", ".join(f"{k} {a:.2e} vs {b:.2e}" for k, (a, b) in errors.items()))
+    return errors
 
 
 # -- recomputation ------------------------------------------------------------------------------
@@ -191,15 +195,19 @@ def test_training_curve_matches_stock(arch):
 
 
 # -- configuration ------------------------------------------------------------------------------
-def test_apply_tempo_config_sets_activation_and_disables_fusion():
+def test_apply_tempo_config_sets_the_activation_stock_computes():
+    """Optional now (the layer installs the activation itself), and faithful: under
+    bias_activation_fusion stock runs bias_gelu_impl, the tanh form, so F.gelu there becomes
+    tempo_gelu_tanh (it became the erf tempo_gelu before, which changed the model's function)."""
     from megatron.core.activations import fast_gelu
     from megatron.core.transformer.utils import openai_gelu
 
     config = mu.tiny_config(bias_activation_fusion=True)
     tempo = tm.apply_tempo_config(config)
-    assert tempo.activation_func is tm.tempo_gelu and tempo.bias_activation_fusion is False
+    assert tempo.activation_func is tm.tempo_gelu_tanh and tempo.bias_activation_fusion is False
     assert config.activation_func is F.gelu and config.bias_activation_fusion is True, "argument modified"
     assert tm.apply_tempo_config(tempo) is tempo
+    assert tm.apply_tempo_config(mu.tiny_config()).activation_func is tm.tempo_gelu
     for tanh_form in (openai_gelu, fast_gelu):
         assert tm.apply_tempo_config(mu.tiny_config(activation_func=tanh_form)).activation_func is tm.tempo_gelu_tanh
     with pytest.raises(NotImplementedError, match="silu"):
@@ -212,14 +220,6 @@ def test_tempo_gelu_matches_megatron_activations():
     x = torch.randn(4096, dtype=torch.float64)
     torch.testing.assert_close(tm.tempo_gelu(x), F.gelu(x))
     torch.testing.assert_close(tm.tempo_gelu_tanh(x), openai_gelu(x))
-
-
-def test_tempo_spec_refuses_a_stock_config():
-    from megatron.core.models.gpt import GPTModel
-
-    with pytest.raises(ValueError, match="apply_tempo_config"):
-        GPTModel(config=mu.tiny_config(), transformer_layer_spec=tm.get_gpt_layer_tempo_spec(),
-                 vocab_size=mu.VOCAB, max_sequence_length=mu.SEQ)
 
 
 @pytest.mark.parametrize("kwargs, names", [
@@ -263,13 +263,19 @@ def test_bert_spec_builds_with_tempo_attention():
                               max_sequence_length=mu.SEQ, num_tokentypes=2)
     assert model.attn_mask_dimensions == "b1ss"
     assert isinstance(model.encoder.layers[0].self_attention.core_attention, tm.TempoCoreAttention)
-    # A layer spec is accepted too. The stock class refuses it: it takes any core_attention but
-    # DotProductAttention for Transformer Engine's, and its TE version check fails without TE
-    # (megatron-core 0.16.1 compares the missing version, None, with a Version).
+    # A layer spec is accepted too. The stock class takes any core_attention but
+    # DotProductAttention for Transformer Engine's: without TE, megatron-core 0.16.1 then compares
+    # the missing version, None, with a Version and fails; 0.19 counts it as 0.0.0 and picks the
+    # [b, 1, s, s] mask, as TempoBertModel does (tempo_ds.megatron.compat).
     layer_spec = tm.get_bert_layer_tempo_spec()
     model = tm.TempoBertModel(config=config, transformer_layer_spec=layer_spec, vocab_size=mu.VOCAB,
                               max_sequence_length=mu.SEQ, num_tokentypes=2)
     assert isinstance(model.encoder.layers[0].self_attention.core_attention, tm.TempoCoreAttention)
-    with pytest.raises(TypeError, match="NoneType.*Version"):
-        BertModel(config=config, transformer_layer_spec=layer_spec, vocab_size=mu.VOCAB,
-                  max_sequence_length=mu.SEQ, num_tokentypes=2)
+    if compat.stock_bert_takes_custom_attention():
+        stock = BertModel(config=config, transformer_layer_spec=layer_spec, vocab_size=mu.VOCAB,
+                          max_sequence_length=mu.SEQ, num_tokentypes=2)
+        assert stock.attn_mask_dimensions == model.attn_mask_dimensions == "b1ss"
+    else:
+        with pytest.raises(TypeError, match="NoneType.*Version"):
+            BertModel(config=config, transformer_layer_spec=layer_spec, vocab_size=mu.VOCAB,
+                      max_sequence_length=mu.SEQ, num_tokentypes=2)

@@ -5,6 +5,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     tempo::bind_common(m);
     m.def("gelu_fwd", &tempo::cpu::gelu_fwd, "In-place GELU forward: (y, packed branch bits)");
+    m.def("bias_gelu_fwd", &tempo::cpu::bias_gelu_fwd, "Fused bias-GELU forward: (GELU(x + bias), packed branch bits)");
     m.def("gelu_bwd", &tempo::cpu::gelu_bwd, "In-place GELU backward from (dy, y, bits)");
     m.def("gelu_bwd_table", &tempo::cpu::gelu_bwd_table, "In-place GELU backward of fp16/bf16 y from a derivative table");
     m.def("layer_norm_fwd", &tempo::cpu::layer_norm_fwd, "Output-saving LayerNorm forward: (y, rstd)");

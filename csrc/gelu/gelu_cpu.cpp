@@ -30,6 +30,27 @@ void gelu_fwd_kernel(const scalar_t* x, scalar_t* y, uint8_t* bits, int64_t n) {
     });
 }
 
+// Fused bias-GELU: x and y [rows, features] row-major, bias [features]; the bits as gelu_fwd's.
+template <typename Form, typename scalar_t>
+void bias_gelu_fwd_kernel(const scalar_t* x, const scalar_t* bias, scalar_t* y, uint8_t* bits, int64_t n,
+                          int64_t features) {
+    using acc_t = typename compute_type<scalar_t>::type;
+    const int64_t n_bytes = (n + 7) / 8;
+    at::parallel_for(0, n_bytes, 2048, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+            uint8_t packed = 0;
+            const int64_t base = b * 8;
+            const int64_t c0 = base % features;
+            for (int k = 0; k < 8 && base + k < n; ++k) {
+                const acc_t bias_k = static_cast<acc_t>(bias[bias_column(c0, k, features)]);
+                y[base + k] = static_cast<scalar_t>(
+                    bias_gelu_value<Form>(static_cast<acc_t>(x[base + k]), bias_k, packed, k));
+            }
+            bits[b] = packed;
+        }
+    });
+}
+
 // GELU'(x) of the `count` (<= 8) elements of one byte of branch bits, into d.
 // A derivative table gathers element by element.
 template <typename Derivative, typename scalar_t, typename acc_t>
@@ -83,6 +104,23 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
         else
             gelu_fwd_kernel<GeluErf>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                                      bits.data_ptr<uint8_t>(), x.numel());
+    });
+    return {y, bits};
+}
+
+std::vector<at::Tensor> bias_gelu_fwd(const at::Tensor& x, const at::Tensor& bias, bool tanh_form) {
+    TORCH_CHECK(x.is_cpu(), "bias_gelu_fwd: x must be a CPU tensor");
+    check_bias_gelu_args(x, bias);
+    auto y = empty_output(x);
+    auto bits = at::empty({(x.numel() + 7) / 8}, x.options().dtype(at::kByte));
+    if (x.numel() == 0) return {y, bits};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_fwd", [&] {
+        if (tanh_form)
+            bias_gelu_fwd_kernel<GeluTanh>(x.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                           bits.data_ptr<uint8_t>(), x.numel(), bias.numel());
+        else
+            bias_gelu_fwd_kernel<GeluErf>(x.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                          bits.data_ptr<uint8_t>(), x.numel(), bias.numel());
     });
     return {y, bits};
 }

@@ -104,6 +104,47 @@ __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
     }
 }
 
+// Fused bias-GELU: as gelu_fwd_kernel, with bias[column] added in the compute type first.
+// x and y are [rows, features] row-major, bias [features] (read through the read-only cache; a
+// row of 4h values stays in L1/L2 across the rows a block covers).
+template <typename Form, bool kWhole, typename scalar_t>
+__global__ void bias_gelu_fwd_kernel(const scalar_t* __restrict__ x,     // [n]
+                                     const scalar_t* __restrict__ bias,  // [features]
+                                     scalar_t* __restrict__ y,           // [n]
+                                     uint8_t* __restrict__ bits,         // [ceil(n/8)]
+                                     int64_t n, int64_t features) {
+    using acc_t = typename compute_type<scalar_t>::type;
+    const int64_t n_bytes = (n + 7) / 8;
+    const bool aligned = pack_aligned(x) && pack_aligned(y);
+    for (int64_t step = first_step(); step < n_bytes; step += step_stride()) {
+        Pack8<scalar_t> in[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
+            if (b < n_bytes) in[u] = load_pack(x, b * 8, n, whole_pack<kWhole>(aligned, b, n));
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
+            if (b >= n_bytes) continue;
+            const int64_t c0 = (b * 8) % features;
+            Pack8<scalar_t> out;
+            uint8_t packed = 0;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const acc_t bias_k = static_cast<acc_t>(bias[bias_column(c0, k, features)]);
+                out.v[k] = static_cast<scalar_t>(
+                    bias_gelu_value<Form>(static_cast<acc_t>(in[u].v[k]), bias_k, packed, k));
+            }
+            // a partial last pack read zeros past n, whose bits x + bias may set: cleared, so the
+            // bits equal the CPU kernel's and the fallback's
+            if (!kWhole && b * 8 + 8 > n) packed &= static_cast<uint8_t>((1u << (n - b * 8)) - 1u);
+            store_pack(y, out, b * 8, n, whole_pack<kWhole>(aligned, b, n));
+            bits[b] = packed;
+        }
+    }
+}
+
 // Derivative: NewtonDerivative<Form> or TableDerivative (tempo/gelu.h); kWhole as above.
 template <typename Derivative, bool kWhole, typename scalar_t>
 __global__ void gelu_bwd_kernel(Derivative derivative,
@@ -202,6 +243,32 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
             else
                 gelu_fwd_kernel<GeluErf, kWhole><<<grid, kThreads, 0, stream>>>(
                     x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+    });
+    return {y, bits};
+}
+
+std::vector<at::Tensor> bias_gelu_fwd(const at::Tensor& x, const at::Tensor& bias, bool tanh_form) {
+    TORCH_CHECK(x.is_cuda(), "bias_gelu_fwd: x must be a CUDA tensor");
+    check_bias_gelu_args(x, bias);
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto y = empty_output(x);
+    const int64_t n = x.numel();
+    auto bits = at::empty({(n + 7) / 8}, x.options().dtype(at::kByte));
+    if (n == 0) return {y, bits};
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_fwd", [&] {
+        const unsigned grid = grid_for(bits.numel());
+        const scalar_t* b = bias.data_ptr<scalar_t>();
+        with_whole_packs<scalar_t>(n, {x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>()}, [&](auto whole) {
+            constexpr bool kWhole = decltype(whole)::value;
+            if (tanh_form)
+                bias_gelu_fwd_kernel<GeluTanh, kWhole><<<grid, kThreads, 0, stream>>>(
+                    x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n, bias.numel());
+            else
+                bias_gelu_fwd_kernel<GeluErf, kWhole><<<grid, kThreads, 0, stream>>>(
+                    x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n, bias.numel());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
     });

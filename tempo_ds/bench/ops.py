@@ -129,8 +129,18 @@ def _attention_cases():
     return attention_case.cases(Case)
 
 
+def _bias_gelu_cases():
+    from . import ops_bias_gelu
+    return ops_bias_gelu.cases(Case, _rows, _nbytes)
+
+
+def _loss_cases():
+    from . import ops_loss
+    return ops_loss.cases(Case)
+
+
 CASE_GROUPS = {"gelu": _gelu_cases, "norm": _norm_cases, "dropout": _dropout_cases,
-               "attention": _attention_cases}
+               "attention": _attention_cases, "bias_gelu": _bias_gelu_cases, "loss": _loss_cases}
 
 
 def _median(samples):
@@ -393,7 +403,9 @@ def check_targets(report):
     for op in BANDWIDTH_OPS:
         if op in rows:
             out += _bandwidth_verdicts(op, rows[op]["ours"], report)
-    return out
+    from . import ops_bias_gelu, ops_loss
+    out += ops_loss.verdicts(rows, _time_verdicts, report.get("dtype", "torch.bfloat16"))
+    return out + ops_bias_gelu.verdicts(rows, _time_verdicts)
 
 
 def _copy_line(report):

@@ -41,7 +41,7 @@ import torch
 
 from .machine import machine_info
 from .train_report import REPO, from_json, format_report, write_outputs
-from .train_types import VARIANTS, Report, RunConfig, VariantResult
+from .train_types import HF_VARIANTS, VARIANTS, Report, RunConfig, VariantResult, variants_for
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,15 @@ def resolve_config(args):
     from .. import workload
 
     on_gpu = torch.cuda.is_available()
-    preset = (GPU_PRESETS if on_gpu else CPU_PRESETS)[args.model]
-    sizes = workload.SIZES[workload.arch_of(args.model)]
+    framework = getattr(args, "framework", "megatron")
+    if framework == "hf":
+        from .train_hf_model import presets
+        preset, sizes = presets(args.model, on_gpu)
+    elif args.model not in GPU_PRESETS:
+        raise SystemExit(f"--model {args.model!r}: one of {', '.join(GPU_PRESETS)} (or --framework hf)")
+    else:
+        preset = (GPU_PRESETS if on_gpu else CPU_PRESETS)[args.model]
+        sizes = workload.SIZES[workload.arch_of(args.model)]
     size = args.size or preset.size
     if size not in sizes:
         raise SystemExit(f"--size {size!r} for {args.model}: one of {', '.join(sizes)}")
@@ -100,7 +107,7 @@ def resolve_config(args):
         cap=args.max_micro_batch or (GPU_CAP if on_gpu else CPU_CAP),
         memory_budget=parse_bytes(args.memory_budget),
         dropout=args.dropout, seed=args.seed, zero_stage=args.zero_stage, sweep=tuple(args.sweep or ()),
-        device="cuda" if on_gpu else "cpu", cpu_sized=not on_gpu)
+        device="cuda" if on_gpu else "cpu", cpu_sized=not on_gpu, framework=framework)
 
 
 def _worker_command(config, variant, out_path):
@@ -119,7 +126,7 @@ def _run_isolated(config, variant, log):
             with open(out_path) as f:
                 return VariantResult.from_dict(json.load(f))
     log(f"[{variant}] failed (exit status {proc.returncode}); see the lines above")
-    return VariantResult(variant=variant, description=VARIANTS[variant].description,
+    return VariantResult(variant=variant, description=variants_for(config.framework)[variant].description,
                          error=f"worker exited with status {proc.returncode}")
 
 
@@ -132,7 +139,12 @@ def run(args, log=None):
             f"s{config.seq}, {config.steps} steps, search capped at {config.cap}): the figures are "
             "ledger bytes and ratios, not speeds, and nothing runs out of memory")
     report = Report(machine_info(), config)
-    for name in args.variants:
+    known = variants_for(config.framework)
+    unknown = [name for name in args.variants or () if name not in known]
+    if unknown:
+        raise SystemExit(f"--variants {' '.join(unknown)}: not variants of --framework {config.framework} "
+                         f"({', '.join(known)})")
+    for name in args.variants or known:
         t0 = time.perf_counter()
         if args.isolation == "process":
             result = _run_isolated(config, name, log)
@@ -158,7 +170,10 @@ def positive_int(text):
 
 def add_arguments(p):
     """The `train` subcommand's options (tempo_ds.bench.__main__)."""
-    p.add_argument("--model", choices=("gpt2", "bert"), default="gpt2")
+    p.add_argument("--framework", choices=("megatron", "hf"), default="megatron",
+                   help="megatron-core models, or Hugging Face transformers ones (tempo_ds.hf)")
+    p.add_argument("--model", choices=("gpt2", "bert", "bert-large", "roberta-large", "roberta"), default="gpt2",
+                   help="megatron: gpt2, bert; hf: bert-large, roberta-large, gpt2 (124M), bert, roberta")
     p.add_argument("--size", default=None, help="named size (tempo_ds.workload.SIZES); "
                    "default 345m / large on GPU, tiny on CPU")
     p.add_argument("--layers", type=positive_int, default=None, help="override the size's layers")
@@ -166,7 +181,9 @@ def add_arguments(p):
     p.add_argument("--heads", type=positive_int, default=None, help="override the size's attention heads")
     p.add_argument("--seq-length", type=positive_int, default=None, help="default 1024 GPT / 512 BERT on GPU, 64 on CPU")
     p.add_argument("--vocab-size", type=positive_int, default=None, help="default 50257 GPT / 30522 BERT")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, choices=list(dict.fromkeys([*VARIANTS, *HF_VARIANTS])),
+                   help=f"default: all of the framework's (megatron: {', '.join(VARIANTS)}; "
+                        f"hf: {', '.join(HF_VARIANTS)})")
     p.add_argument("--memory-budget", default=None, help="cap the CUDA allocator, e.g. 16GiB")
     p.add_argument("--common-micro-batch", type=positive_int, default=None,
                    help="micro-batch every variant is timed at (default 8 GPT / 16 BERT, 2 on CPU)")

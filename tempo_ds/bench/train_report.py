@@ -66,21 +66,22 @@ class Target:
         return ratio <= self.bound if self.op == "<=" else ratio >= self.bound
 
 
-def load_targets(path=TARGETS_PATH):
-    """The train targets of `path` as Targets; None when the file is not there (an installed
-    package without the repository's docs/)."""
+def load_targets(path=TARGETS_PATH, framework="megatron"):
+    """The train targets of `path` for `framework` ("megatron": its "train" list, "hf": its
+    "train_hf" list) as Targets; None when the file is not there (an installed package without
+    the repository's docs/)."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        rows = json.load(f)["train"]
+        rows = json.load(f).get("train_hf" if framework == "hf" else "train", [])
     return [Target(**row) for row in rows]
 
 
 def check_targets(report, targets=None):
     """[(target, ratio or None, bound, met or None)] for the targets `report` can speak to;
-    `targets` defaults to load_targets()."""
-    targets = load_targets() if targets is None else targets
+    `targets` defaults to load_targets() of the report's framework."""
     cfg = report.config
+    targets = load_targets(framework=cfg.framework) if targets is None else targets
     rows = {r["variant"]: r for r in csv_rows(report)}
     out = []
     for t in targets or []:
@@ -98,7 +99,8 @@ def _fmt(x, scale=1.0, spec=",.0f"):
 
 
 def _variant_lines(rows):
-    stock = next((r for r in rows if r["variant"] == "stock"), None)
+    # the strongest stock path: Megatron's local spec, transformers' SDPA
+    stock = next((r for r in rows if r["variant"] in ("stock", "sdpa")), None)
     base = stock and stock["activation_per_sample_ledger_bytes"]
     for r in rows:
         if r["error"]:
@@ -118,7 +120,7 @@ def format_report(report, targets=None):
     """The table of `report` (a Report), its ledger breakdown and the target verdicts."""
     cfg = report.config
     lines = [header(report.machine),
-             f"{cfg.model} {cfg.size} (L{cfg.layers} h{cfg.hidden} a{cfg.heads}), "
+             f"{'transformers ' if cfg.framework == 'hf' else ''}{cfg.model} {cfg.size} (L{cfg.layers} h{cfg.hidden} a{cfg.heads}), "
              f"seq {cfg.seq}, vocab {cfg.vocab}, {cfg.steps} timed steps after {cfg.warmup}, "
              f"common micro-batch {cfg.common_mb}"
              + (f", memory budget {cfg.memory_budget / 2**30:g} GiB" if cfg.memory_budget else "")]
@@ -144,7 +146,7 @@ def format_report(report, targets=None):
             per_layer = ledger.layers_bytes / (mb * cfg.seq * cfg.layers)
             lines.append(f"  {r.variant:<12} layers {per_layer:,.0f} B/token/layer, head "
                          f"{ledger.head_bytes / mb / MiB:,.2f} of {ledger.total_bytes / mb / MiB:,.2f} | {cats}")
-    targets = load_targets() if targets is None else targets
+    targets = load_targets(framework=cfg.framework) if targets is None else targets
     if targets is None:
         lines.append(f"targets: {TARGETS_PATH} not found; none judged")
     verdicts = check_targets(report, targets)

@@ -22,6 +22,7 @@ class Variant:
     description: str
     tempo: object = False        # the ds_config "tempo" value
     recompute: str = None        # None, "selective" or "full"
+    attn_implementation: str = None  # --framework hf: transformers' attention ("eager", "sdpa")
 
 
 VARIANTS = {v.name: v for v in (
@@ -31,6 +32,23 @@ VARIANTS = {v.name: v for v in (
     Variant("tempo-flash", "Tempo spec, flash attention", tempo={"attention": "flash"}),
     Variant("tempo", "Tempo spec, softmax-dropout-matmul attention", tempo={"attention": "tempo"}),
 )}
+
+# --framework hf (train_hf_model): recompute "full" is transformers' gradient checkpointing
+HF_VARIANTS = {v.name: v for v in (
+    Variant("eager", "transformers, eager attention", attn_implementation="eager"),
+    Variant("sdpa", "transformers, SDPA attention", attn_implementation="sdpa"),
+    Variant("sdpa-ckpt", "transformers, SDPA + gradient checkpointing", recompute="full",
+            attn_implementation="sdpa"),
+    Variant("tempo", 'tempo_ds.hf.apply, "tempo": true', tempo=True, attn_implementation="sdpa"),
+)}
+FRAMEWORKS = ("megatron", "hf")
+
+
+def variants_for(framework):
+    """The variants of `framework` ("megatron" or "hf"), by name."""
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework {framework!r}: expected one of {FRAMEWORKS}")
+    return HF_VARIANTS if framework == "hf" else VARIANTS
 
 
 def _from_fields(cls, data, what):
@@ -51,7 +69,7 @@ def _from_fields(cls, data, what):
 @dataclass(frozen=True)
 class RunConfig:
     """The settings of one run of the benchmark (every variant shares them)."""
-    model: str                    # "gpt2" or "bert"
+    model: str                    # "gpt2" or "bert"; --framework hf: a key of tempo_ds.hf.trainer.MODELS
     size: str                     # a key of tempo_ds.workload.SIZES[arch], or "custom"
     layers: int
     hidden: int
@@ -69,9 +87,12 @@ class RunConfig:
     sweep: tuple = ()             # further micro-batches timed for the throughput plot
     device: str = "cuda"
     cpu_sized: bool = False       # the CPU-sized defaults: ledger bytes and ratios, not speeds
+    framework: str = "megatron"   # "megatron" (train_model) or "hf" (train_hf_model)
 
     def __post_init__(self):
-        if self.model not in ("gpt2", "bert"):
+        if self.framework not in FRAMEWORKS:
+            raise ValueError(f"RunConfig.framework={self.framework!r}: expected one of {FRAMEWORKS}")
+        if self.framework == "megatron" and self.model not in ("gpt2", "bert"):
             raise ValueError(f"RunConfig.model={self.model!r}: expected 'gpt2' or 'bert'")
         for name in ("layers", "hidden", "heads", "seq", "vocab", "common_mb", "steps", "cap"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -86,10 +107,15 @@ class RunConfig:
     def tag(self):
         """The name of the run's files: train_<tag>.json / .csv / _*.png."""
         budget = f"_budget{self.memory_budget / 2**30:g}GiB" if self.memory_budget else ""
-        return f"{self.model}_{self.size}_s{self.seq}{budget}{'_cpu' if self.cpu_sized else ''}"
+        framework = "hf_" if self.framework == "hf" else ""
+        return f"{framework}{self.model}_{self.size}_s{self.seq}{budget}{'_cpu' if self.cpu_sized else ''}"
 
     def to_dict(self):
-        return dict(dataclasses.asdict(self), sweep=list(self.sweep))
+        data = dict(dataclasses.asdict(self), sweep=list(self.sweep))
+        if self.framework == "megatron":
+            # the default, left out: the stored Megatron reports, which predate the field, round-trip
+            del data["framework"]
+        return data
 
     @classmethod
     def from_dict(cls, data):
@@ -145,6 +171,8 @@ class VariantResult:
     search_capped: Optional[bool] = None
     search_trials: list = field(default_factory=list)
     peak_at_largest_bytes: Optional[int] = None
+    predicted_micro_batch: Optional[int] = None   # tempo_ds.plan's largest micro-batch (GPU runs)
+    predicted_peak_bytes: Optional[int] = None    # and its predicted peak there
     best: Optional[TimedPoint] = None
     sweep: list = field(default_factory=list)
     ledger: Optional[LedgerSummary] = None

@@ -19,8 +19,8 @@ import torch
 from .. import workload
 from .machine import synchronize
 from .search import largest_fitting
-from .train_model import Batches, build_engine, setup_distributed, train_step
-from .train_types import VARIANTS, LedgerSummary, TimedPoint, VariantResult
+from .train_model import setup_distributed
+from .train_types import LedgerSummary, TimedPoint, VariantResult, variants_for
 
 MiB = 2 ** 20
 
@@ -58,6 +58,16 @@ def flops_per_token(n_params, layers, hidden, seq):
     return 6 * n_params + 12 * layers * hidden * seq
 
 
+def _builder(config):
+    """The module that builds, feeds and steps config.framework's model: train_model (Megatron)
+    or train_hf_model (transformers); both offer build_engine, Batches and train_step."""
+    if config.framework == "hf":
+        from . import train_hf_model
+        return train_hf_model
+    from . import train_model
+    return train_model
+
+
 class _Session:
     """One variant's engine and data, and the number of the next step: every step, whichever
     measurement takes it, reseeds dropout from (seed, step) and draws batch `step`, so no two
@@ -66,7 +76,8 @@ class _Session:
     def __init__(self, config, engine, data, device, log, fpt):
         self.config, self.engine, self.data, self.device, self.log = config, engine, data, device, log
         self.on_gpu = device.type == "cuda"
-        self.arch = workload.arch_of(config.model)
+        self.builder = _builder(config)
+        self.arch = None if config.framework == "hf" else workload.arch_of(config.model)
         self.next_step = 0
         self.peaks = {}
         name = torch.cuda.get_device_name(device) if self.on_gpu else None
@@ -78,7 +89,7 @@ class _Session:
         returns the detached loss."""
         workload.reseed(self.config.seed, self.next_step)
         batch = self.data.get(self.next_step, mb) if batch is None else batch
-        loss = train_step(self.engine, self.config.model, batch)
+        loss = self.builder.train_step(self.engine, self.config.model, batch)
         self.next_step += 1
         return loss
 
@@ -149,10 +160,10 @@ class _Session:
         from ..memory import SavedTensorLedger
 
         with SavedTensorLedger(self.engine.module) as ledger:
-            loss = workload.loss(self.arch, self.engine, self.data.get(0, mb))
+            loss = self._loss(self.data.get(0, mb))
         report = ledger.report(loss)
         del loss
-        layer_prefixes = ("decoder.layers.", "encoder.layers.")
+        layer_prefixes = getattr(self.builder, "LAYER_PREFIXES", ("decoder.layers.", "encoder.layers."))
         layers = sum(r.nbytes for r in report.records if r.module.startswith(layer_prefixes))
 
         def ranked(d):
@@ -161,6 +172,11 @@ class _Session:
                              head_bytes=report.total_bytes - layers,
                              by_category=ranked(report.by_category()), by_op=ranked(report.by_op()))
 
+    def _loss(self, batch):
+        if self.arch is None:
+            return self.builder.loss(self.engine, batch)
+        return workload.loss(self.arch, self.engine, batch)
+
     def ledger(self, mb):
         """Bytes autograd keeps for one forward at mb (SavedTensorLedger); None on out of memory."""
         return self.attempt(lambda: self._ledger(mb))
@@ -168,7 +184,7 @@ class _Session:
     def fixed_bytes(self):
         """Allocated bytes with a backward's gradients alive and no activations (GPU only), then
         the step that frees them."""
-        loss = workload.loss(self.arch, self.engine, self.data.get(self.next_step, 1))
+        loss = self._loss(self.data.get(self.next_step, 1))
         self.next_step += 1
         self.engine.backward(loss)
         del loss
@@ -179,15 +195,37 @@ class _Session:
 
     def attention_paths(self):
         modules = self.engine.module.modules()
-        paths = {getattr(m, "last_path", None) for m in modules if hasattr(m, "last_path")}
+        # Megatron's Tempo core attention records `last_path`, the transformers one `tempo_last_path`
+        paths = {getattr(m, "last_path", None) or getattr(m, "tempo_last_path", None) for m in modules}
         return sorted(p for p in paths if p)
+
+
+def plan_prediction(config, variant_name, device, log):
+    """(largest micro-batch, its peak) that tempo_ds.plan predicts for this run on this GPU, the
+    search's first probe; (None, None) where the plan cannot say (it logs why)."""
+    from ..plan import PlanError, estimate
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    try:
+        plan = estimate(model=config.model, layers=config.layers, hidden=config.hidden, heads=config.heads,
+                        seq_length=config.seq, vocab_size=config.vocab, dropout=config.dropout, bf16=True,
+                        zero_stage=config.zero_stage if config.zero_stage is not None else 1,
+                        gpu_memory=None if config.memory_budget else total, memory_budget=config.memory_budget,
+                        variants=[variant_name], max_positions=config.seq)
+    except PlanError as err:
+        log(f"  plan: no prediction ({err})")
+        return None, None
+    v = plan.variants[0]
+    log(f"  plan: largest micro-batch {v.largest_micro_batch}, peak {(v.peak_at_largest or 0) / MiB:,.0f} MiB")
+    return (v.largest_micro_batch or None), v.peak_at_largest
 
 
 def run_variant(config, variant_name, log):
     """Measure variant `variant_name` (module docstring) under RunConfig `config` in this process;
     returns its VariantResult."""
     device = setup_distributed()
-    variant = VARIANTS[variant_name]
+    variant = variants_for(config.framework)[variant_name]
+    builder = _builder(config)
     on_gpu = device.type == "cuda"
     budget = config.memory_budget
     if budget and on_gpu:
@@ -196,8 +234,8 @@ def run_variant(config, variant_name, log):
     elif budget:
         log("  --memory-budget applies to the CUDA allocator only; ignored on CPU")
 
-    engine, n_params, attention = build_engine(config.to_dict(), variant, device, config.seed)
-    data = Batches(config.model, config.seq, config.vocab, config.seed, device)
+    engine, n_params, attention = builder.build_engine(config.to_dict(), variant, device, config.seed)
+    data = builder.Batches(config.model, config.seq, config.vocab, config.seed, device)
     fpt = flops_per_token(n_params, config.layers, config.hidden, config.seq)
     session = _Session(config, engine, data, device, log, fpt)
     result = VariantResult(variant=variant.name, description=variant.description, n_params=n_params,
@@ -217,7 +255,9 @@ def run_variant(config, variant_name, log):
     result.common = common
     result.attention_ran = session.attention_paths()
 
-    search = largest_fitting(session.fits, start=1, cap=config.cap)
+    if on_gpu and config.framework == "megatron":
+        result.predicted_micro_batch, result.predicted_peak_bytes = plan_prediction(config, variant_name, device, log)
+    search = largest_fitting(session.fits, start=1, cap=config.cap, predicted=result.predicted_micro_batch)
     result.largest_micro_batch, result.search_capped = search.largest, search.capped
     result.search_trials = search.trials
     result.peak_at_largest_bytes = session.peaks.get(search.largest)

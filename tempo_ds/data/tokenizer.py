@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy
 
-from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
+from ..megatron.compat import tokenizer_base
 
 SPECIALS = ("eod", "pad", "cls", "sep", "mask")
 
 
-class _SpecialIdsTokenizer(MegatronLegacyTokenizer):
+class _SpecialIdsTokenizer(tokenizer_base()):
     """What both tokenizers share: ids of the special tokens in `self._ids` (name -> id, names
     from SPECIALS), `self._vocab_size`, and the attributes Megatron's datasets read from them."""
 

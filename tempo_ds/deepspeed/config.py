@@ -11,7 +11,7 @@ ATTENTION_CHOICES = ("auto", "tempo", "flash", "stock")
 BUILD_CHOICES = ("jit", "prebuilt")
 # swap kind (tempo_ds.modules.swap) -> the field of "tempo" that turns it on
 KIND_FIELDS = {"gelu": "gelu", "layernorm": "layernorm", "rmsnorm": "layernorm", "dropout": "dropout",
-               "attention": "attention"}
+               "attention": "attention", "loss": "loss"}
 
 
 class TempoConfigError(ValueError):
@@ -32,6 +32,9 @@ class TempoConfig:
             where the device and settings allow it, else tempo).
         build: "jit" builds the ops on first use (cached); "prebuilt" requires ops installed
             with TEMPO_BUILD_OPS=1 and fails at initialize if they are missing.
+        loss: give megatron-core GPT/BERT models the fused linear cross-entropy head (keeps the
+            fp32 lse per token, not the fp32 softmax; BERT's MLM head runs at the masked
+            positions only).
     """
     enabled: bool = True
     gelu: bool = True
@@ -39,6 +42,7 @@ class TempoConfig:
     dropout: bool = True
     attention: str = "auto"
     build: str = "jit"
+    loss: bool = True
 
     @property
     def kinds(self):
@@ -46,7 +50,7 @@ class TempoConfig:
         if not self.enabled:
             return frozenset()
         wanted = {"gelu": self.gelu, "layernorm": self.layernorm, "rmsnorm": self.layernorm,
-                  "dropout": self.dropout, "attention": self.attention != "stock"}
+                  "dropout": self.dropout, "attention": self.attention != "stock", "loss": self.loss}
         return frozenset(k for k, on in wanted.items() if on)
 
     def off_reason(self, kind):

@@ -10,7 +10,9 @@ With it on, before DeepSpeed sees the model: the "tempo" entry is validated once
 here, not silently), the ops are built or found prebuilt, the stock modules are swapped for Tempo
 ones keeping their parameters (tempo_ds.deepspeed.apply.swap_model, whose report is logged on rank
 0), and the "tempo" key is removed from the config handed to DeepSpeed. A caller that parsed
-"tempo" already hands the TempoConfig down with the keyword `tempo=`.
+"tempo" already hands the TempoConfig down with the keyword `tempo=`. For a Megatron-core model
+(parallel state initialized) DeepSpeed's activation checkpointing is made to compose with it:
+compose_activation_checkpointing, docs/activation_checkpointing.md.
 """
 import copy
 import logging
@@ -140,7 +142,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     model.tempo_config = tempo
     if stripped is not ds_config:
         _hand_over(kwargs, args, stripped)
-    return deepspeed.initialize(**kwargs)
+    initialized = deepspeed.initialize(**kwargs)
+    # after deepspeed.initialize: configure() needs DeepSpeed's communication backend up
+    compose_activation_checkpointing(stripped, mpu)
+    return initialized
 
 
 def _hand_over(kwargs, args, stripped):
@@ -152,3 +157,42 @@ def _hand_over(kwargs, args, stripped):
         for name in _ARGS_CONFIG_FIELDS:
             if hasattr(args, name):
                 setattr(kwargs["args"], name, None)
+
+
+def use_megatron_rng_tracker():
+    """Make deepspeed.checkpointing save and restore megatron-core's RNG tracker.
+
+    DeepSpeed's checkpoint() keeps the CPU and device generator states and its own tracker's
+    states from before the forward, and restores them before it recomputes. Megatron-core's layers
+    draw model-parallel dropout (the attention dropout, inside
+    tensor_parallel.get_cuda_rng_tracker().fork()) from megatron's tracker, another object, which
+    DeepSpeed would not restore: the recomputed forward would draw other seeds than the first one
+    (Tempo: other masks regenerated in backward; stock: other masks), and the gradients would be
+    wrong. DeepSpeed looks its tracker up by name at every call, so that name now answers
+    megatron's tracker. Process-wide, as deepspeed.checkpointing.configure's own settings are;
+    calling it again changes nothing.
+    """
+    from deepspeed.runtime.activation_checkpointing import checkpointing
+    from megatron.core.tensor_parallel import random as megatron_random
+    checkpointing.get_cuda_rng_tracker = megatron_random.get_cuda_rng_tracker
+
+
+def compose_activation_checkpointing(ds_config, mpu=None):
+    """What tempo_ds.initialize does, with Tempo on, for a Megatron-core model (megatron's parallel
+    state initialized; otherwise nothing): use_megatron_rng_tracker(), and, when `ds_config` (a
+    dict) has an "activation_checkpointing" section and deepspeed.checkpointing is not configured
+    yet, deepspeed.checkpointing.configure(mpu, deepspeed_config=ds_config), as DeepSpeed's docs
+    ask the user to. A caller that configured it already keeps its settings. `mpu` defaults to a
+    MegatronMPU (partition_activations splits over its tensor-parallel group).
+    """
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return
+    if not parallel_state.model_parallel_is_initialized():
+        return
+    use_megatron_rng_tracker()
+    if "activation_checkpointing" in (ds_config or {}) and not deepspeed.checkpointing.is_configured():
+        from .mpu import MegatronMPU
+        deepspeed.checkpointing.configure(mpu if mpu is not None else MegatronMPU(),
+                                          deepspeed_config=copy.deepcopy(ds_config))

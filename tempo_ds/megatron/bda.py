@@ -9,6 +9,7 @@ bias_dropout_add saves only a seed and regenerates the mask in backward.
 Megatron's jit-fused variant (torch.compile on torch >= 2.2) would only add compile time.
 """
 from ..ops import bias_dropout_add
+from .compat import bda_operands
 
 __all__ = ["get_tempo_bias_dropout_add"]
 
@@ -25,11 +26,10 @@ def get_tempo_bias_dropout_add(training, fused):
     """
 
     def _bias_dropout_add(x_with_bias, residual, prob):
-        x, bias = x_with_bias
-        # As in the stock bda: under AMP O1 the residual can be fp32 while x is half; the output
-        # must keep x's dtype so pipeline stages exchange the dtype they expect.
-        if residual.dtype != x.dtype:
-            residual = residual.to(x.dtype)
+        # As in the stock bda, mixed dtypes (AMP O1, fp32_residual_connection) are cast to one,
+        # and which one depends on the megatron-core release (compat.bda_operands): the output
+        # must have the dtype the stock layer hands to the next one.
+        x, bias, residual = bda_operands(*x_with_bias, residual)
         return bias_dropout_add(x, bias, residual, prob, training)
 
     return _bias_dropout_add

@@ -1,11 +1,13 @@
 """Megatron-core layer specs for GPT and BERT built from the Tempo modules.
 
-    from tempo_ds.megatron import tempo_gpt_model_spec
-    config, spec = tempo_gpt_model_spec(config)       # config and block spec, Tempo throughout
-    model = GPTModel(config=config, transformer_layer_spec=spec, ...)
+    from tempo_ds.megatron import get_gpt_layer_tempo_spec
+    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_tempo_spec(), ...)
 
-get_gpt_layer_tempo_spec() / get_bert_layer_tempo_spec() are the drop-in layer specs; they need a
-config from apply_tempo_config(). What changes against megatron.core's local specs:
+get_gpt_layer_tempo_spec() / get_bert_layer_tempo_spec() are drop-ins for megatron.core's
+get_gpt_layer_local_spec() / bert_layer_local_spec: they take the config a job already has (no
+rewrite) and take no required argument, so Megatron-LM's `--spec tempo_ds.megatron
+get_gpt_layer_tempo_spec` works. tempo_gpt_model_spec / tempo_bert_model_spec give the block spec
+with the Tempo final norm too. What changes against the local specs:
 
     submodule              stock (no apex, no TE)        Tempo                     saved for backward
     input/pre_mlp norm     torch.nn.LayerNorm / RMSNorm  TempoNorm                 output + stats, not input
@@ -13,20 +15,19 @@ config from apply_tempo_config(). What changes against megatron.core's local spe
     core_attention         DotProductAttention           TempoCoreAttention        flash: nothing s x s;
                                                                                    tempo: softmax + a seed
     self_attn/mlp bda      get_bias_dropout_add          get_tempo_bias_dropout_add a seed, not a mask
-    MLP activation         config.activation_func        Tempo GELU (via config)   output + 1 bit, not input
+    MLP activation         bias_gelu_impl (fusion on)    ops.bias_gelu (TempoMLP)  output + 1 bit, not
+                           activation_func (fusion off)  TempoGELU, same form      x + b (nor x)
 
 Every parameter keeps its name and shape, so a checkpoint of either spec loads into the other.
 
-The activation is not part of a spec in megatron-core 0.16.1: MLP uses MLPSubmodules.activation_func
-only with Transformer Engine, otherwise config.activation_func, and only when
-bias_activation_fusion=False (the fused bias-GELU saves its input). apply_tempo_config() makes both
-settings; TempoTransformerLayer, which the specs use, refuses a config without them, so they
-cannot be forgotten.
+The activation is not part of a spec in megatron-core (MLP takes config.activation_func, or
+bias_gelu_impl under bias_activation_fusion), so TempoTransformerLayer installs it once the stock
+MLP is built (tempo_ds.megatron.mlp, shared with the swap of a stock model). An activation with no
+Tempo form keeps the stock MLP and is reported, never refused.
 """
 import dataclasses
-import functools
+import warnings
 
-import torch.nn.functional as F
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnBackend, AttnMaskType
@@ -41,10 +42,10 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from ..ops import gelu
 from .bda import get_tempo_bias_dropout_add
 from .core_attention import PATHS as ATTENTION_PATHS
 from .core_attention import TempoCoreAttention
+from .mlp import install_tempo_activation, mlp_activation, tempo_gelu, tempo_gelu_tanh
 from .norm import TempoNorm
 
 __all__ = [
@@ -55,83 +56,45 @@ __all__ = [
 
 
 # -- activation ---------------------------------------------------------------------------------
-def tempo_gelu(x):
-    """erf GELU that saves its output and one bit per element (tempo_ds.ops.gelu)."""
-    return gelu(x, "none")
-
-
-def tempo_gelu_tanh(x):
-    """tanh GELU (Megatron's openai_gelu / fast_gelu) with Tempo's saving contract."""
-    return gelu(x, "tanh")
-
-
-def gelu_form(fn):
-    """The Tempo GELU form ("none" for erf, "tanh") whose math is `fn`'s to rounding, or None.
-
-    F.gelu (also as functools.partial with approximate=) and Megatron's openai_gelu, gelu_impl and
-    fast_gelu (whose sqrt(2/pi) is exact to 1e-11) have one. Megatron's erf_gelu has none: it divides
-    by 1.41421 instead of sqrt(2), which moves fp32 outputs by about 1e-6, beyond their rounding.
-    """
-    from megatron.core import activations
-    from megatron.core.transformer import utils
-    if fn is F.gelu:
-        return "none"
-    if isinstance(fn, functools.partial) and fn.func is F.gelu and not fn.args and set(fn.keywords) <= {"approximate"}:
-        form = fn.keywords.get("approximate", "none")
-        return form if form in ("none", "tanh") else None
-    if fn in (utils.openai_gelu, utils.gelu_impl, activations.fast_gelu):
-        return "tanh"
-    return None
-
-
-def _tempo_activation(config):
-    act = config.activation_func
-    if act in (tempo_gelu, tempo_gelu_tanh):
-        return act
-    # Megatron-LM's --openai-gelu sets activation_func=openai_gelu; older configs carry the flag.
-    form = "tanh" if getattr(config, "openai_gelu", False) else gelu_form(act)
-    if form is not None:
-        return tempo_gelu_tanh if form == "tanh" else tempo_gelu
-    raise NotImplementedError(
-        f"apply_tempo_config: activation_func={getattr(act, '__name__', act)!r} has no Tempo "
-        "kernel (GELU in erf or tanh form does; Megatron's erf_gelu rounds sqrt(2) to 1.41421, so it "
-        "has none); use the stock spec's MLP for this model")
-
-
 def apply_tempo_config(config):
-    """A copy of `config` whose MLP runs the Tempo GELU.
+    """A copy of `config` whose MLP activation_func is the Tempo GELU of the form stock computes.
 
-    Sets activation_func to tempo_gelu (erf; F.gelu) or tempo_gelu_tanh (openai_gelu, fast_gelu,
-    gelu_impl, approximate="tanh", or config.openai_gelu) and bias_activation_fusion to False.
-    Idempotent; the argument is not modified. Raises NotImplementedError for activations other
-    than GELU (and for Megatron's erf_gelu, see gelu_form).
+    Optional: the Tempo specs need no config rewrite (TempoTransformerLayer installs the Tempo
+    activation itself, fused with the bias where stock fuses). This is for models that keep the
+    stock MLP class, which then calls config.activation_func. Sets activation_func to tempo_gelu
+    (F.gelu) or tempo_gelu_tanh (openai_gelu, fast_gelu, gelu_impl, approximate="tanh",
+    config.openai_gelu, and F.gelu under bias_activation_fusion, whose bias_gelu_impl is the tanh
+    form) and bias_activation_fusion to False (bias-add and GELU then run as two ops). Idempotent;
+    the argument is not modified. Raises NotImplementedError, with the reason, for an activation
+    with no Tempo form (see mlp_activation).
     """
-    activation = _tempo_activation(config)
-    if config.activation_func is activation and not config.bias_activation_fusion:
+    if config.activation_func in (tempo_gelu, tempo_gelu_tanh) and not config.bias_activation_fusion:
         return config
+    plan = mlp_activation(config, config.activation_func)
+    if plan.reason is not None:
+        raise NotImplementedError(f"apply_tempo_config: {plan.reason}; use the stock spec's MLP for this model")
+    activation = tempo_gelu_tanh if plan.form == "tanh" else tempo_gelu
     return dataclasses.replace(config, activation_func=activation, bias_activation_fusion=False)
 
 
-def _require_tempo_config(config):
-    if config.activation_func not in (tempo_gelu, tempo_gelu_tanh) or config.bias_activation_fusion:
-        raise ValueError(
-            "the Tempo layer spec needs config.activation_func set to the Tempo GELU and "
-            "bias_activation_fusion=False; pass the config through "
-            "tempo_ds.megatron.apply_tempo_config(config) (or use tempo_gpt_model_spec / "
-            "tempo_bert_model_spec, which return both)")
-
-
 class TempoTransformerLayer(TransformerLayer):
-    """Megatron's TransformerLayer (same parameters, same forward) that is built only under a
-    config from apply_tempo_config(), so the MLP cannot silently run the stock GELU.
+    """Megatron's TransformerLayer (same parameters, same forward) whose MLP runs the Tempo
+    activation of what the stock MLP computes under the config it is given (tempo_ds.megatron.mlp):
+    the fused Tempo bias-GELU under bias_activation_fusion, the Tempo GELU of the same form
+    otherwise. An activation with no Tempo form (GLU/SwiGLU, squared ReLU, erf_gelu) keeps the
+    stock MLP: the reason is in `tempo_mlp_left_stock` and in a warning, nothing is refused.
 
-    The check sits here rather than in an MLP subclass because TransformerLayer passes the
+    The MLP is built as a stock MLP and converted after, because TransformerLayer passes the
     tensor-parallel group only to modules that are exactly MLP.
     """
 
     def __init__(self, config, *args, **kwargs):
-        _require_tempo_config(config)
         super().__init__(config, *args, **kwargs)
+        self.tempo_mlp_left_stock = install_tempo_activation(self.mlp) if isinstance(self.mlp, MLP) else None
+        if self.tempo_mlp_left_stock is not None:
+            # one warning per reason and call site (Python's default filter), not one per layer
+            warnings.warn(f"tempo_ds: the MLP keeps its stock activation: {self.tempo_mlp_left_stock}",
+                          UserWarning, stacklevel=2)
 
 
 # -- specs --------------------------------------------------------------------------------------
@@ -237,17 +200,16 @@ def _block_spec(config, layer_spec):
 def tempo_gpt_model_spec(config, **spec_kwargs):
     """The config and transformer_layer_spec for GPTModel, Tempo throughout.
 
-    Returns (apply_tempo_config(config), block spec): every layer is get_gpt_layer_tempo_spec(
-    **spec_kwargs) and the final norm is TempoNorm, which also makes sequence parallelism
-    possible (the stock local spec's torch norms refuse it).
+    Returns (config, block spec): `config` as given (the layers install the Tempo activation
+    themselves; apply_tempo_config is optional), every layer get_gpt_layer_tempo_spec(
+    **spec_kwargs), and the final norm TempoNorm, which also makes sequence parallelism possible
+    (the stock local spec's torch norms refuse it).
     """
-    config = apply_tempo_config(config)
     return config, _block_spec(config, get_gpt_layer_tempo_spec(**spec_kwargs))
 
 
 def tempo_bert_model_spec(config, **spec_kwargs):
     """As tempo_gpt_model_spec, for TempoBertModel (layers from get_bert_layer_tempo_spec)."""
-    config = apply_tempo_config(config)
     return config, _block_spec(config, get_bert_layer_tempo_spec(**spec_kwargs))
 
 
@@ -273,7 +235,15 @@ class TempoBertModel(BertModel):
     so for it this class gives the local answer, "b1ss", under the same backend assertion.
     Every other spec goes through the stock check unchanged. A block spec (TransformerBlockSubmodules,
     as tempo_bert_model_spec returns) is accepted as well; the check reads its first layer.
+    It has the fused loss head (tempo_ds.megatron.loss_head): with lm_labels, the MLM head runs at
+    the counted positions only and no [tokens, V] logits are built.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.post_process:
+            from .loss_head import install_loss_head
+            install_loss_head(self)
 
     def _sanity_check_attention_and_get_attn_mask_dimension(self):
         layer_spec = _first_layer_spec(self.transformer_layer_spec)

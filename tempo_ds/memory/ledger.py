@@ -95,7 +95,10 @@ class _OutermostFunction(TorchFunctionMode):
 
 def _storage_key(t):
     storage = t.untyped_storage()
-    return (t.device.type, t.device.index, storage.data_ptr()), storage.nbytes()
+    # Every meta storage has address 0: its StorageImpl's address stands for it (tempo_ds.plan
+    # walks models on the meta device).
+    address = storage._cdata if t.device.type == "meta" else storage.data_ptr()
+    return (t.device.type, t.device.index, address), storage.nbytes()
 
 
 @dataclass
@@ -108,10 +111,11 @@ class SavedRecord:
     dtype: torch.dtype
     op: str = "unknown"
     function: str = ""  # the outermost torch function running when it was saved ("" for none)
+    declared: str = ""  # the category its saving autograd.Function declares (ledger_categories)
 
     @property
     def category(self):
-        return category_of(self.op, self.module, self.function)
+        return self.declared or category_of(self.op, self.module, self.function)
 
 
 @dataclass
@@ -158,7 +162,7 @@ class _Packed:
     """What the pack hook returns, so what the graph holds until it frees the saving node: the
     saved tensor and where it was saved. The ledger keeps only weak references to these, so a
     storage counts exactly as long as some graph still holds it."""
-    __slots__ = ("tensor", "module", "function", "op", "__weakref__")
+    __slots__ = ("tensor", "module", "function", "op", "declared", "__weakref__")
 
     def __init__(self, tensor, module, function=""):
         # Detached: a node that saves its own output hands the pack hook that output, grad_fn and
@@ -168,6 +172,7 @@ class _Packed:
         self.module = module
         self.function = function
         self.op = "unknown"  # named by report(), when its walk reaches the saving node
+        self.declared = ""  # a category the saving autograd.Function declares (_declare)
 
 
 class SavedTensorLedger:
@@ -286,6 +291,7 @@ class SavedTensorLedger:
                     for packed in SavedTensorLedger._unpacked:
                         if isinstance(packed, _Packed):
                             packed.op = op
+                    _declare(node, saved, SavedTensorLedger._unpacked)
                     n_ours += len(SavedTensorLedger._unpacked)
                     # A Python scalar operand (x * 2) is saved as a 0-dim "wrapped number", which
                     # autograd saves without any hooks: only tensors with dimensions that did not
@@ -339,8 +345,21 @@ class SavedTensorLedger:
             owner = live[-1]
             t = owner.tensor
             records.append(SavedRecord(key, t.untyped_storage().nbytes(), owner.module, tuple(t.shape),
-                                       t.dtype, owner.op, owner.function))
+                                       t.dtype, owner.op, owner.function, owner.declared))
         return LedgerReport(records)
+
+
+def _declare(node, saved, unpacked):
+    """A fused autograd.Function keeps tensors of several kinds: its class may declare the
+    category of some (`ledger_categories`, {index in ctx.saved_tensors: category}), e.g. the
+    fused linear cross-entropy's hidden, which stock code's Linear keeps as "matmul"."""
+    declared = getattr(getattr(node, "_forward_cls", None), "ledger_categories", None)
+    if not declared or not isinstance(saved, tuple):
+        return
+    present = [i for i, t in enumerate(saved) if t is not None]
+    for index, packed in zip(present, unpacked):
+        if isinstance(packed, _Packed) and index in declared:
+            packed.declared = declared[index]
 
 
 def _tensors(saved):

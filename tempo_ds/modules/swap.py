@@ -8,6 +8,10 @@ A row is one of two things:
   walk can see such a function otherwise.
 Either may name a reason, per instance, to leave it stock (`blocked`), or a reason to refuse the
 whole swap before anything changes (`refuse`, e.g. an attention path that cannot serve the model).
+An IdleRow names child modules that their owner holds but never calls (Hugging Face attention keeps
+an nn.Dropout and reads only its `.p`): those are neither swapped nor counted, and the report lists
+them apart as "never called". A table, not a count of calls in a first step: the swap happens
+before any forward, and a call count would misjudge a module that runs in some steps only.
 
 The torch rows (nn.GELU, nn.Dropout, nn.LayerNorm, nn.RMSNorm, and nn.MultiheadAttention, which has
 no twin) live here. Rows for a framework live in the layer that knows it and register themselves on
@@ -57,10 +61,23 @@ class AttributeRow:
     twin: Callable  # stock function -> Tempo callable, or None
     no_twin: Callable = _never  # stock function -> why it has no twin, or None
     blocked: Callable = _never  # owner instance -> why it stays stock, or None
+    install: Callable = setattr  # (owner instance, attribute, twin): puts the twin in place
+
+
+@dataclass(frozen=True)
+class IdleRow:
+    """The child modules in `attrs` of an instance of exactly `owner` are never called when
+    `idle(owner instance)` returns a reason (else None: they are called, and swapped as usual).
+    `kind` is the kind they would be counted in."""
+    owner: type
+    attrs: tuple
+    kind: str
+    idle: Callable  # owner instance -> why its children in attrs are never called, or None
 
 
 MODULE_ROWS = {}  # stock class -> ModuleRow
 ATTRIBUTE_ROWS = {}  # (owner, attrs) -> AttributeRow
+IDLE_ROWS = {}  # (owner, attrs) -> IdleRow
 
 # framework module -> our module that registers its rows
 PROVIDERS = {"megatron.core": "tempo_ds.megatron.swaps", "transformers": "tempo_ds.hf.swaps"}
@@ -76,8 +93,10 @@ def register(row):
         MODULE_ROWS[row.stock] = row
     elif isinstance(row, AttributeRow):
         ATTRIBUTE_ROWS[(row.owner, row.attrs)] = row
+    elif isinstance(row, IdleRow):
+        IDLE_ROWS[(row.owner, row.attrs)] = row
     else:
-        raise TypeError(f"register expects a ModuleRow or AttributeRow, got {type(row).__name__}")
+        raise TypeError(f"register expects a ModuleRow, AttributeRow or IdleRow, got {type(row).__name__}")
 
 
 def _load_providers():
@@ -116,27 +135,53 @@ class SwapReport:
         swapped: kind -> number of modules or attributes swapped (kinds with none are absent).
         left: (kind, qualified name, reason) for every stock part of a known kind left stock.
         off: kind -> why it was not asked for (the caller's words), for kinds outside `kinds`.
+        idle: (kind, qualified name, reason) for every module held but never called (IdleRow):
+            neither swapped nor counted, never a reason to warn.
+        tempo_found: how many parts of the model were Tempo ones already.
     """
     kinds: Optional[frozenset] = None
     swapped: dict = field(default_factory=dict)
     left: list = field(default_factory=list)
     off: dict = field(default_factory=dict)
+    idle: list = field(default_factory=list)
+    tempo_found: int = 0
+
+    @property
+    def found_nothing(self):
+        """True when something was asked for and the model has no part of any known kind (stock or
+        Tempo): the model is not one these rows know, which the report says as a WARNING."""
+        return (self.kinds is None or bool(self.kinds)) and not (
+            self.swapped or self.left or self.idle or self.tempo_found)
 
     def left_stock(self, kind):
         """The (qualified name, reason) pairs of `kind` left stock."""
         return [(where, reason) for k, where, reason in self.left if k == kind]
 
     def warns(self, kind):
-        """True when `kind` was asked for and some part of it stays stock."""
+        """True when `kind` was asked for and some part of it stays stock; for the kind "model",
+        when the model has nothing to swap at all (found_nothing)."""
+        if kind == "model":
+            return self.found_nothing
         return (self.kinds is None or kind in self.kinds) and bool(self.left_stock(kind))
 
+    def never_called(self, kind):
+        """The (qualified name, reason) pairs of `kind` held by the model but never called."""
+        return [(where, reason) for k, where, reason in self.idle if k == kind]
+
     def lines(self):
-        """(kind, one line of text) for every kind asked for, swapped or left stock, sorted."""
+        """(kind, one line of text) for every kind asked for, swapped or left stock, sorted; a
+        ("model", ...) line first when the model has nothing to swap."""
         shown = set(self.kinds or ()) | set(self.swapped) | {k for k, _, _ in self.left}
         out = []
+        if self.found_nothing:
+            out.append(("model", "nothing to swap: no part of this model matches a Tempo row (no LayerNorm, "
+                                 "GELU, dropout or attention class the rows know)"))
         for kind in sorted(shown):
             off = self.off.get(kind)
             text = f"{kind}: off ({off})" if off is not None else f"{kind}: swapped {self.swapped.get(kind, 0)}"
+            idle = self.never_called(kind)
+            if idle:
+                text += f" ({len(idle)} never called, not counted: {idle[0][1]}, e.g. {idle[0][0]})"
             left = self.left_stock(kind)
             if not left:
                 out.append((kind, text + ", no stock ones left"))
@@ -214,12 +259,24 @@ class _Walk:
                 if reason is not None:
                     self.leave(row.kind, where, reason)
                     continue
-                setattr(module, attr, twin)
+                row.install(module, attr, twin)
                 self.count(row.kind)
+
+    def idle_children(self, parent):
+        """{child name: (kind, why it is never called)} from the IdleRows of `parent`'s class."""
+        found = {}
+        for row in IDLE_ROWS.values():
+            if type(parent) is not row.owner:
+                continue
+            reason = row.idle(parent)
+            if reason is not None:
+                found.update({attr: (row.kind, reason) for attr in row.attrs})
+        return found
 
     def child(self, child, qualified):
         """The module to put in place of `child` (itself when it stays stock)."""
         if _is_tempo(type(child)):
+            self.report.tempo_found += 1
             return child
         if id(child) in self.done:
             return self.done[id(child)]
@@ -256,8 +313,13 @@ class _Walk:
 
     def visit(self, parent, prefix):
         self.attributes(parent, prefix)
+        idle = self.idle_children(parent)
         for name, child in list(parent.named_children()):
             qualified = f"{prefix}.{name}" if prefix else name
+            if name in idle and not _is_tempo(type(child)):
+                kind, reason = idle[name]
+                self.report.idle.append((kind, qualified, reason))
+                continue
             new = self.child(child, qualified)
             if new is not child:
                 setattr(parent, name, new)
@@ -296,4 +358,4 @@ def swap_modules(model, *, kinds=None, module_filter=None, options=None, off_rea
     return walk.report
 
 
-__all__ = ["AttributeRow", "ModuleRow", "PROVIDERS", "SwapRefused", "SwapReport", "register", "swap_modules"]
+__all__ = ["AttributeRow", "IdleRow", "ModuleRow", "PROVIDERS", "SwapRefused", "SwapReport", "register", "swap_modules"]

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from ..op_builder import FAMILIES
 from . import reference as ref
 from . import reference_dropout as ref_dropout
+from . import reference_loss as ref_loss
 
 _MODES = ("auto", "built", "torch")
 _lock = threading.Lock()
@@ -28,6 +29,7 @@ class Fallback(SimpleNamespace):
 # The PyTorch implementation of each op family, attribute for attribute the compiled module's.
 FALLBACKS = {
     "core": Fallback(gelu_fwd=ref.gelu_fwd, gelu_bwd=ref.gelu_bwd, gelu_bwd_table=ref.gelu_bwd_table,
+                     bias_gelu_fwd=ref.bias_gelu_fwd,
                      layer_norm_fwd=ref.layer_norm_fwd, layer_norm_bwd=ref.layer_norm_bwd,
                      rms_norm_fwd=ref.rms_norm_fwd, rms_norm_bwd=ref.rms_norm_bwd),
     "dropout": Fallback(dropout_fwd=ref_dropout.dropout_fwd, dropout_mask=ref_dropout.dropout_mask,
@@ -36,6 +38,7 @@ FALLBACKS = {
                         softmax_dropout_fwd=ref_dropout.softmax_dropout_fwd,
                         softmax_dropout_regen=ref_dropout.softmax_dropout_regen,
                         softmax_dropout_bwd=ref_dropout.softmax_dropout_bwd),
+    "loss": Fallback(cross_entropy_fwd=ref_loss.cross_entropy_fwd, cross_entropy_bwd=ref_loss.cross_entropy_bwd),
 }
 
 

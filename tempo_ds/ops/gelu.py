@@ -1,4 +1,5 @@
-"""In-place GELU: the backward needs only the output and one branch bit per element.
+"""In-place GELU and the fused bias-GELU: the backward needs only the output and one branch bit
+per element.
 
 Saved for backward: y (the output; the next linear layer keeps the same tensor, so it costs no
 extra bytes) and ceil(n/8) bytes of packed branch bits. Stock GELU saves its input x instead.
@@ -12,8 +13,8 @@ The table is a constant of the op, not an activation: autograd saves nothing mor
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _backend
-from ._checks import check_choice, check_float_tensor
+from . import _backend, reference
+from ._checks import check_choice, check_float_tensor, check_like
 
 APPROXIMATIONS = ("none", "tanh")
 TABLE_DTYPES = (torch.float16, torch.bfloat16)
@@ -64,14 +65,66 @@ class GeluFunction(torch.autograd.Function):
     @once_differentiable  # the kernels' GELU'(x) is not differentiable: raise on double backward
     def backward(ctx, dy):
         y, bits = ctx.saved_tensors
-        kernels = _backend.ops("core", y.device)
-        dy = dy.contiguous()
-        if ctx.use_table:
-            table = derivative_table(y.dtype, ctx.tanh_form, y.device)
-            dx = kernels.gelu_bwd_table(dy, y, bits, table)
-        else:
-            dx = kernels.gelu_bwd(dy, y, bits, ctx.tanh_form)
-        return dx, None, None
+        return _gelu_grad(ctx, dy, y, bits), None, None
+
+
+def _gelu_grad(ctx, dy, y, bits):
+    """dx from the saved (y, bits): a table gather for 16-bit y (ctx.use_table), Newton otherwise."""
+    kernels = _backend.ops("core", y.device)
+    dy = dy.contiguous()
+    if ctx.use_table:
+        return kernels.gelu_bwd_table(dy, y, bits, derivative_table(y.dtype, ctx.tanh_form, y.device))
+    return kernels.gelu_bwd(dy, y, bits, ctx.tanh_form)
+
+
+class BiasGeluFunction(torch.autograd.Function):
+    """GELU(x + bias) in one kernel that keeps (y, branch bits); the backward is GeluFunction's,
+    and the bias gradient the column sum of dx (in fp32, fp64 for fp32/fp64 tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, tanh_form, use_table=True):
+        kernels = _backend.ops("core", x.device)
+        y, bits = kernels.bias_gelu_fwd(x.contiguous(), bias.contiguous(), tanh_form)
+        ctx.tanh_form = tanh_form
+        ctx.use_table = use_table and x.dtype in TABLE_DTYPES
+        ctx.save_for_backward(y, bits)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        y, bits = ctx.saved_tensors
+        dx = _gelu_grad(ctx, dy, y, bits)
+        dbias = None
+        if ctx.needs_input_grad[1]:
+            # the sum of the rounded dx, as autograd reduces a broadcast bias's gradient
+            acc = reference.compute_dtype(y.dtype)
+            dbias = dx.reshape(-1, y.shape[-1]).sum(0, dtype=acc).to(y.dtype)
+        return dx, dbias, None, None
+
+
+def bias_gelu(x, bias, approximate="none"):
+    """GELU(x + bias) with bias broadcast over the last dimension, in one kernel that keeps only
+    the output and a bit-packed branch mask for backward: Megatron's bias_gelu_impl (approximate
+    "tanh", as its bias_activation_fusion computes) without keeping x + bias.
+
+    Args:
+        x: tensor [..., N] of any layout, float16/bfloat16/float32/float64.
+        bias: tensor [N] with x's dtype and device.
+        approximate: "none" (erf form) or "tanh".
+
+    Saves for backward: the output y and ceil(x.numel()/8) bytes of branch bits (stock keeps
+    x + bias, or x and bias). Against bias-add then GELU it saves a write and a read of x + bias.
+    The backward returns dx and dbias (the column sum of dx). Differentiable once, like gelu.
+    """
+    check_float_tensor("x", x)
+    check_float_tensor("bias", bias)
+    check_choice("approximate", approximate, APPROXIMATIONS)
+    if x.dim() == 0 or bias.shape != (x.shape[-1],):
+        raise ValueError(f"bias must have shape ({x.shape[-1] if x.dim() else '...'},) (the last "
+                         f"dimension of x), got {tuple(bias.shape)}")
+    check_like("bias", bias, "x", x)
+    return BiasGeluFunction.apply(x, bias, approximate == "tanh")
 
 
 def gelu(x, approximate="none"):

@@ -96,9 +96,19 @@ def compute_dtype(dtype):
 
 
 def gelu_fwd(x, tanh_form):
-    acc = x.to(compute_dtype(x.dtype))
-    y = gelu_value(acc, tanh_form).to(x.dtype)
-    return [y, pack_bits(acc < GELU_FORMS[tanh_form].x_star)]
+    return gelu_fwd_of_sum(x.to(compute_dtype(x.dtype)), x.dtype, tanh_form)
+
+
+def bias_gelu_fwd(x, bias, tanh_form):
+    """gelu_fwd of x + bias (bias [x.shape[-1]]), the sum taken in the compute dtype: what the
+    fused kernel computes. Its backward is gelu_bwd / gelu_bwd_table."""
+    acc = compute_dtype(x.dtype)
+    return gelu_fwd_of_sum(x.to(acc) + bias.to(acc), x.dtype, tanh_form)
+
+
+def gelu_fwd_of_sum(v, dtype, tanh_form):
+    """(GELU(v) rounded to dtype, branch bits) of v already in the compute dtype."""
+    return [gelu_value(v, tanh_form).to(dtype), pack_bits(v < GELU_FORMS[tanh_form].x_star)]
 
 
 def gelu_bwd(dy, y, bits, tanh_form):

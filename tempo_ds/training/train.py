@@ -41,6 +41,19 @@ DEFAULT_CONFIGS = {"gpt2": str(CONFIGS / "ds_config_gpt2.json"), "bert": str(CON
 DEFAULT_SIZES = {"gpt": ("tiny", "124m"), "bert": ("tiny", "base")}  # (CPU, GPU)
 
 
+def _micro_batch(text):
+    """--micro-batch: a positive integer or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -49,8 +62,9 @@ def parse_args(argv=None):
                    help="gpt2: tiny/124m/345m/774m/1.5b; bert: tiny/base/large "
                         "(default: tiny on CPU, 124m / base on GPU)")
     p.add_argument("--seq-length", type=int, default=None, help="default: 128 on CPU, 1024 GPT / 512 BERT on GPU")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="overrides train_micro_batch_size_per_gpu of the config")
+    p.add_argument("--micro-batch", type=_micro_batch, default=None,
+                   help="overrides train_micro_batch_size_per_gpu of the config; 'auto': the largest "
+                        "that tempo_ds.plan predicts fits the visible GPU")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 60 on CPU, 1000 on GPU)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--data-path", default=None,
@@ -115,6 +129,8 @@ def resolve(args):
     arch = workload.arch_of(args.model)
     size = args.size or DEFAULT_SIZES[arch][0 if on_cpu else 1]
     workload.shape_of(arch, size)  # an unknown --size fails here, before anything slow
+    if args.micro_batch == "auto":
+        args.micro_batch = _auto_micro_batch(args, arch, size, on_cpu)
     # The one parse of "tempo": the TempoConfig is handed down, DeepSpeed gets the rest.
     tempo, ds_config = split_config(build_ds_config(args, on_cpu))
     return TrainJob(
@@ -123,6 +139,19 @@ def resolve(args):
         steps=args.steps if args.steps is not None else (60 if on_cpu else 1000),
         on_cpu=on_cpu, ds_config=ds_config, tempo=tempo,
         bf16=bool(ds_config.get("bf16", {}).get("enabled")))
+
+
+def _auto_micro_batch(args, arch, size, on_cpu):
+    """--micro-batch auto: tempo_ds.plan's answer for the visible GPU (None on CPU: the config's)."""
+    from tempo_ds.deepspeed.config import split_config
+    from tempo_ds.plan.auto import auto_micro_batch
+
+    probe = argparse.Namespace(**dict(vars(args), micro_batch=None))
+    tempo, ds_config = split_config(build_ds_config(probe, on_cpu))
+    seq = args.seq_length or (128 if on_cpu else (1024 if arch == "gpt" else 512))
+    return auto_micro_batch(args.model, size, seq, tempo, ds_config.get("zero_optimization", {}).get("stage", 0),
+                            bool(ds_config.get("bf16", {}).get("enabled")), tp=args.tp, vocab_size=args.vocab_size,
+                            dropout=args.dropout, say=_say)
 
 
 def spec_for(tempo):

@@ -13,6 +13,11 @@
 #define TEMPO_CORE_DECLARE()                                                              \
     /* x: [n] contiguous. Returns {y [n], bits uint8 [ceil(n/8)]}. */                     \
     std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form);                \
+    /* Fused bias-GELU: x [..., N] contiguous, bias [N] of x's dtype and device.           \
+       Returns {y = GELU(x + bias) [x's shape], bits uint8 [ceil(n/8)]}; the backward is    \
+       gelu_bwd / gelu_bwd_table on (dy, y, bits), the bias gradient dx's column sum. */    \
+    std::vector<at::Tensor> bias_gelu_fwd(const at::Tensor& x, const at::Tensor& bias,    \
+                                          bool tanh_form);                                \
     /* dy, y: [n] contiguous, bits from gelu_fwd. Returns dx [n]. */                      \
     at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, \
                         bool tanh_form);                                                  \
@@ -54,6 +59,18 @@ inline void check_gelu_bwd_args(const at::Tensor& dy, const at::Tensor& y, const
                 "gelu_bwd: bits must be uint8 with ceil(y.numel() / 8) elements");
     TORCH_CHECK(dy.device() == y.device() && bits.device() == y.device(),
                 "gelu_bwd: dy, y and bits must be on one device");
+}
+
+// What bias_gelu_fwd reads (both builds): the device check is the caller's.
+inline void check_bias_gelu_args(const at::Tensor& x, const at::Tensor& bias) {
+    TORCH_CHECK(x.is_contiguous() && bias.is_contiguous(), "bias_gelu_fwd: x and bias must be contiguous");
+    TORCH_CHECK(x.dim() >= 1 && bias.dim() == 1 && bias.size(0) == x.size(-1),
+                "bias_gelu_fwd: bias must have shape [x.size(-1)] = [", x.dim() >= 1 ? x.size(-1) : 0,
+                "], got ", bias.sizes());
+    TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "bias_gelu_fwd: bias must have x's dtype (",
+                x.scalar_type(), "), got ", bias.scalar_type());
+    TORCH_CHECK(bias.device() == x.device(), "bias_gelu_fwd: bias must be on x's device (", x.device(),
+                "), got ", bias.device());
 }
 
 // The derivative table of gelu_bwd_table (see TableDerivative in tempo/gelu.h).
