@@ -98,13 +98,16 @@ def _run(section, megatron_tracker=True):
         torch.manual_seed(SEED)
         config = workload.model_config(workload.shape_of("gpt", "tiny"), tp=TP, dropout=DROPOUT)
         model = workload.build_model("gpt", config, spec="tempo", vocab_size=VOCAB, seq_length=SEQ, device=device)
-        ds_config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "tempo": True}
+        # DeepSpeed's engine.backward needs an optimizer; no step is taken
+        ds_config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "tempo": True,
+                     "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True}
         if section is not None:
             ds_config["activation_checkpointing"] = section
             checkpoint_layers(model)
         # each run configures DeepSpeed's checkpointing afresh from its own section
         checkpointing.deepspeed_checkpointing_enabled = False
-        engine, *_ = tempo_ds.initialize(model=model, config=ds_config, mpu=MegatronMPU())
+        engine, *_ = tempo_ds.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                         mpu=MegatronMPU())
         if not megatron_tracker:
             checkpointing.get_cuda_rng_tracker = lambda: checkpointing._CUDA_RNG_STATE_TRACKER
         workload.reseed(SEED, 1)
@@ -132,12 +135,15 @@ def worker(out_path):
     dist.init_process_group("gloo")
     runs = {name: _run(section) for name, section in COMBOS.items()}
     runs[UNTRACKED] = _run(COMBOS["checkpoint"], megatron_tracker=False)
+    if "error" in runs["none"]:
+        raise RuntimeError(f"the run without checkpointing failed: {runs['none']['error']}")
     reference = runs["none"]["grads"]
     results = {}
     for name, run in runs.items():
         if "error" not in run:
             assert run["grads"].keys() == reference.keys()
-            diff = torch.tensor(max((run.pop("grads")[n] - g).abs().max().item() for n, g in reference.items()),
+            grads = run.pop("grads")
+            diff = torch.tensor(max((grads[n] - g).abs().max().item() for n, g in reference.items()),
                                 dtype=torch.float64)
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)
             run["grad_diff"] = diff.item()
