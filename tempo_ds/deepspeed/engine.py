@@ -16,6 +16,7 @@ compose_activation_checkpointing, docs/activation_checkpointing.md.
 """
 import copy
 import logging
+import sys
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
@@ -185,10 +186,10 @@ def compose_activation_checkpointing(ds_config, mpu=None):
     ask the user to. A caller that configured it already keeps its settings. `mpu` defaults to a
     MegatronMPU (partition_activations splits over its tensor-parallel group).
     """
-    try:
-        from megatron.core import parallel_state
-    except ImportError:
+    # a Megatron-core model implies megatron.core imported; never import it for another model
+    if "megatron.core" not in sys.modules:
         return
+    from megatron.core import parallel_state
     if not parallel_state.model_parallel_is_initialized():
         return
     use_megatron_rng_tracker()
