@@ -51,7 +51,9 @@ def version():
     as a packaging Version."""
     from packaging.version import Version
     from megatron.core import package_info
-    return Version(package_info.__version__)
+    # an sdist built inside a git checkout stamps a local "+<hash>" (0.19.2+72ae2d4 in CI): the
+    # release is the public part
+    return Version(Version(package_info.__version__).public)
 
 
 def is_supported(v=None):
