@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=None, help="per device; default 8 on GPU, 2 on CPU")
     p.add_argument("--steps", type=int, default=None, help="default 1000 on GPU, 20 on CPU")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of --steps")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="default: a tenth of --steps; 0 runs as 1 (DeepSpeed's WarmupDecayLR takes no 0)")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--deepspeed", default=CONFIG, help="ds_config with \"auto\" values and \"tempo\"; 'none' for "
@@ -97,7 +98,9 @@ def main(argv=None):
     seq = args.seq_length or (64 if not on_gpu else (1024 if task == "clm" else 512))
     targs = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=mb, max_steps=steps, learning_rate=args.lr,
-        warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, steps // 10),
+        # transformers 5.24 turns a 0 into DeepSpeed's smallest warm-up, 1; 5.17 passes the 0 on and
+        # DeepSpeed 0.19.8 refuses it: 1 on every supported version
+        warmup_steps=max(1, args.warmup_steps if args.warmup_steps is not None else steps // 10),
         weight_decay=0.01, logging_steps=args.log_interval, save_strategy="no", report_to="none",
         bf16=on_gpu, deepspeed=ds_config, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
         # transformers 5 renamed gradient_checkpointing (still accepted, with a warning)

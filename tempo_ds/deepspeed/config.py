@@ -32,9 +32,10 @@ class TempoConfig:
             where the device and settings allow it, else tempo).
         build: "jit" builds the ops on first use (cached); "prebuilt" requires ops installed
             with TEMPO_BUILD_OPS=1 and fails at initialize if they are missing.
-        loss: give megatron-core GPT/BERT models the fused linear cross-entropy head (keeps the
-            fp32 lse per token, not the fp32 softmax; BERT's MLM head runs at the masked
-            positions only).
+        loss: give megatron-core GPT/BERT models and Hugging Face GPT2LMHeadModel /
+            BertForMaskedLM / RobertaForMaskedLM / XLMRobertaForMaskedLM the fused linear
+            cross-entropy head (keeps the fp32 lse per token, not the fp32 softmax; the MLM head
+            runs at the masked positions only).
     """
     enabled: bool = True
     gelu: bool = True

@@ -54,7 +54,9 @@ def apply(model, tempo=True, *, log=True, build_ops=True):
 
     What changes: nn.LayerNorm -> TempoLayerNorm and nn.Dropout -> TempoDropout (same Parameter
     objects and names), transformers' GELU classes -> TempoGELU of the same form, and each known
-    attention module's config -> attn_implementation="tempo" on the path of "tempo.attention".
+    attention module's config -> attn_implementation="tempo" on the path of "tempo.attention",
+    and with "tempo.loss" the fused loss head of GPT-2, BERT, RoBERTa and XLM-R (training with
+    labels: no logits, MLM at the counted positions only; tempo_ds/hf/loss_head.py).
     Saves for backward: see tempo_ds/hf/attention.py and the modules' docstrings.
     With "tempo" off nothing changes; the report lists every stock part as off.
 

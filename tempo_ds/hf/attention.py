@@ -28,10 +28,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
 
 from ..ops.attention import softmax_dropout_matmul
-from ..ops.flash import recompute_attention
+from ..ops.flash import recompute_attention, sdpa_runs_fused_kernel
 
 logger = logging.getLogger("tempo_ds")
 
@@ -45,17 +44,6 @@ _warned = set()
 # id(config) -> (weak reference to it, the implementation it had before the swap set "tempo"): an
 # attention module of that config that the swap's filter kept stock (no tempo_attention_path) runs it
 STOCK_IMPLEMENTATION = {}
-
-
-def sdpa_fused(q, k, v, mask, p, causal, scale):
-    """True when F.scaled_dot_product_attention with these arguments runs a kernel that keeps
-    nothing of size sq x sk, asked of SDPA's own dispatcher (torch._fused_sdp_choice, private:
-    where it is missing, assume torch 2.x: fused on CUDA, and on CPU only without dropout)."""
-    try:
-        choice = torch._fused_sdp_choice(q, k, v, mask, p, causal, scale=scale, enable_gqa=False)
-    except (AttributeError, TypeError):
-        return q.device.type == "cuda" or p == 0.0
-    return choice not in (SDPBackend.MATH.value, SDPBackend.ERROR.value)
 
 
 def _masked_out(mask, dtype):
@@ -109,7 +97,7 @@ def run_path(path, query, key, value, mask, p, scale, causal):
     """(output [b, heads, sq, d], the path that ran) for q, k, v [b, heads, s, d] (the same number
     of heads), mask None or as transformers gives it to SDPA, causal only when mask is None."""
     if path != "tempo":
-        if sdpa_fused(query, key, value, mask, p, causal, scale):
+        if sdpa_runs_fused_kernel(query, key, value, p, causal, scale, mask=mask):
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p, is_causal=causal,
                                                   scale=scale), "flash:sdpa"
         if mask is None:
@@ -184,4 +172,4 @@ def register():
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-__all__ = ["NAME", "PATHS", "register", "run_path", "sdpa_fused", "tempo_attention_forward"]
+__all__ = ["NAME", "PATHS", "register", "run_path", "tempo_attention_forward"]

@@ -15,6 +15,10 @@ tempo_ds.initialize alike) and tempo_ds.deepspeed knows nothing of transformers.
     attention  the self-/cross-attention classes of BERT,    the same module, its config switched
                RoBERTa, XLM-R, ELECTRA, DistilBERT, GPT-2    to attn_implementation="tempo", its
                (ATTENTION_CLASSES)                           path in `tempo_attention_path`
+    loss       GPT2LMHeadModel.lm_head, BertForMaskedLM.cls, the fused linear cross-entropy (training
+               (XLM)RobertaForMaskedLM.lm_head               with labels), MLM at the counted positions
+                                                             only (loss_head.py); DistilBERT's, ELECTRA's
+                                                             MLM heads: stock, with the reason
 
 Idle rows (the report's "never called", issue 17): these attention classes keep an nn.Dropout
 whose `.p` they pass to the attention function and never call it (BERT's family under every
@@ -29,7 +33,7 @@ from transformers import activations
 
 from ..modules import TempoGELU
 from ..modules.swap import IdleRow, ModuleRow, register
-from . import attention
+from . import attention, loss_head
 
 # (transformers.models module, attention classes that call ALL_ATTENTION_FUNCTIONS, their dropout)
 ATTENTION_CLASSES = [
@@ -97,3 +101,4 @@ def _register_gelu():
 attention.register()
 _register_gelu()
 _register_attention()
+loss_head.register_rows()

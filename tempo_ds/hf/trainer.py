@@ -47,9 +47,11 @@ def family_config(family, shape, *, vocab_size, seq_length, dropout=0.1):
         return RobertaConfig(**common, max_position_embeddings=max(514, seq_length + 2), layer_norm_eps=1e-5,
                              type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     if family == "gpt2":
+        # no KV cache, as the Trainer sets it: in a training forward the cache copies k and v
+        # (torch.cat), and attention keeps the copies for backward (2h values per token and layer)
         return GPT2Config(vocab_size=vocab_size, n_embd=shape.hidden_size, n_layer=shape.num_layers,
                           n_head=shape.num_attention_heads, n_positions=max(1024, seq_length),
-                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, use_cache=False)
     raise ValueError(f"family {family!r}: expected one of {FAMILIES}")
 
 

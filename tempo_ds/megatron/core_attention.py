@@ -33,30 +33,15 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from ..ops.attention import softmax_dropout_matmul
-from ..ops.flash import recompute_attention
+# imported by name: tempo_ds.plan.walk patches core_attention.sdpa_runs_fused_kernel for its meta walk
+from ..ops.flash import recompute_attention, sdpa_runs_fused_kernel
 
 PATHS = ("auto", "flash", "tempo")
-
-
-def sdpa_runs_fused_kernel(q, k, v, p, causal, scale, enable_gqa):
-    """True when F.scaled_dot_product_attention(q, k, v, ...) picks a kernel that keeps nothing of
-    size sq x sk (flash, memory-efficient, cuDNN), False when it would run its math kernel.
-
-    Asks SDPA's own dispatcher (torch._fused_sdp_choice, the function SDPA calls), so the answer
-    follows the installed torch and the enabled backends. That function is private: where it is
-    missing, assume what torch 2.x does, fused on CUDA and, on CPU, fused only without dropout.
-    """
-    try:
-        choice = torch._fused_sdp_choice(q, k, v, None, p, causal, scale=scale, enable_gqa=enable_gqa)
-    except (AttributeError, TypeError):
-        return q.device.type == "cuda" or p == 0.0
-    return choice not in (SDPBackend.MATH.value, SDPBackend.ERROR.value)
 
 
 _CAUSAL_VERDICT = "_tempo_is_causal"  # attribute of a mask tensor: (version, sq, sk, verdict)

@@ -21,6 +21,7 @@ the same bits, and the debug hook (`record_dropout_masks`) reports the whole mas
 """
 import torch
 from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend
 
 from . import _backend
 from ._checks import autocast_inputs, check_float_tensor, check_like, check_probability, without_autocast
@@ -154,6 +155,25 @@ class RecomputeAttentionFunction(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+def sdpa_runs_fused_kernel(q, k, v, p, causal, scale, enable_gqa=False, mask=None):
+    """True when F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+    is_causal=causal, scale=scale, enable_gqa=enable_gqa) picks a kernel that keeps nothing of size
+    sq x sk (flash, memory-efficient, cuDNN), False when it would run its math kernel, which keeps
+    the softmax and, with dropout, a mask of that size: the one check of every attention module
+    that falls back to recompute_attention where SDPA would run its math kernel.
+
+    Asks SDPA's own dispatcher (torch._fused_sdp_choice, the function SDPA calls), so the answer
+    follows the installed torch, the enabled backends and the mask. That function is private:
+    where it is missing, assume what torch 2.x does, fused on CUDA and, on CPU, fused only without
+    dropout.
+    """
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, mask, p, causal, scale=scale, enable_gqa=enable_gqa)
+    except (AttributeError, TypeError):
+        return q.device.type == "cuda" or p == 0.0
+    return choice not in (SDPBackend.MATH.value, SDPBackend.ERROR.value)
+
+
 def recompute_attention(q, k, v, p=0.0, scale=None, causal=False, chunk_size=None):
     """dropout(softmax(scale · q @ kᵀ [causal])) @ v, keeping no tensor of size sq × sk.
 
@@ -211,4 +231,5 @@ def recompute_attention(q, k, v, p=0.0, scale=None, causal=False, chunk_size=Non
     return RecomputeAttentionFunction.apply(q, k, v, float(p), scale, bool(causal), chunk_size)
 
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "RecomputeAttentionFunction", "recompute_attention"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "RecomputeAttentionFunction", "recompute_attention",
+           "sdpa_runs_fused_kernel"]
