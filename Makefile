@@ -26,7 +26,7 @@ install-test:
 	$(PYTHON) -m pip install -e ".[test]"
 
 test: install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 $(COMPAT_VENV)/.megatron-core-$(MCORE_COMPAT):
 	$(PYTHON) -m venv --system-site-packages $(COMPAT_VENV)

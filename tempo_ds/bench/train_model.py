@@ -16,11 +16,12 @@ def setup_distributed():
     return workload.hold(workload.distributed(tp=1))
 
 
-def build_model(model, layers, hidden, heads, seq, vocab, variant, dropout, bf16, on_cpu, nsp=True):
+def build_model(model, layers, hidden, heads, seq, vocab, variant, dropout, bf16, on_cpu, nsp=True, tp=1):
     """The GPTModel / BertModel of `variant` (its "tempo" value and recomputation) at any shape,
-    with the launch scripts' config. Returns (model, attention path asked for or None)."""
+    with the launch scripts' config, at tensor-parallel size `tp` (parallel_state's). Returns
+    (model, attention path asked for or None)."""
     arch = workload.arch_of(model)
-    config = workload.model_config(workload.Shape(layers, hidden, heads), dropout=dropout,
+    config = workload.model_config(workload.Shape(layers, hidden, heads), tp=tp, dropout=dropout,
                                    dtype=torch.bfloat16 if bf16 else torch.float32,
                                    recompute=variant.recompute, cpu_init=on_cpu)
     attention = None

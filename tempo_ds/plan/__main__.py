@@ -35,9 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--zero-stage", type=int, default=1, help="ZeRO stage 0-3 (default 1, the launch configs')")
     p.add_argument("--dp", type=int, default=1)
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size: the walk builds and counts rank 0's shards (docs/plan.md)")
     p.add_argument("--variants", default=None, help="comma-separated, e.g. stock,selective,full,tempo-flash,tempo")
-    p.add_argument("--framework", default="megatron", help="megatron (hf: not yet supported)")
+    p.add_argument("--framework", default="megatron", help="megatron, or hf (transformers: --model bert-large|roberta-large|gpt2|bert|roberta)")
     p.add_argument("--target-micro-batch", type=int, default=None, help="the micro-batch the recommendation aims at")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -73,7 +74,7 @@ def format_plan(plan, seconds=None):
             lines.append(f"{'':<12}micro-batch 1 does not fit: it needs {v.need_for_one / GiB:.2f} GiB of GPU memory")
     lines += ["", f"recommendation: {plan.recommendation}"]
     if seconds is not None:
-        lines.append(f"(planned in {seconds:.1f} s on the meta device)")
+        lines.append(f"(planned in {seconds:.1f} s on the meta device, imports not included)")
     return "\n".join(lines)
 
 

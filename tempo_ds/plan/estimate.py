@@ -13,6 +13,8 @@ with context, reserve and engine the measured constants of the card (tempo_ds.pl
 The micro-batch the line predicts is walked once more, and the line refitted through it until
 the walk agrees, so the figure reported is a walked one, not an extrapolation.
 """
+import contextlib
+import gc
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,6 +29,10 @@ RECOMPUTATION = {
     "tempo": (1, "dropout masks from seeds, GELU from its output"),
     "selective": (2, "every layer's core attention (Megatron selective)"),
     "full": (3, "every layer's forward (Megatron full, uniform, 1 layer)"),
+    # --framework hf
+    "eager": (0, "nothing"),
+    "sdpa": (0, "nothing"),
+    "sdpa-ckpt": (3, "every layer's forward (transformers' gradient checkpointing)"),
 }
 # The standard position tables of the named sizes (learned absolute positions).
 POSITIONS = {"gpt": 1024, "bert": 512}
@@ -105,17 +111,18 @@ class Plan:
                 "recommendation": self.recommendation}
 
 
-def _variants(names, loss_head):
-    """The bench's Variant rows for `names`; loss_head "stock" keeps Megatron's loss head in the
-    Tempo variants (the trees of the 2026-11-26 runs had no fused one)."""
-    from ..bench.train_types import VARIANTS, Variant
+def _variants(names, loss_head, framework="megatron"):
+    """The bench's Variant rows of `framework` for `names`; loss_head "stock" keeps Megatron's
+    loss head in the Tempo variants (the trees of the 2026-11-26 runs had no fused one)."""
+    from ..bench.train_types import Variant, variants_for
 
+    known = variants_for(framework)
     out = []
     for name in names:
-        if name not in VARIANTS:
-            raise PlanError(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-        v = VARIANTS[name]
-        if loss_head == "stock" and v.tempo:
+        if name not in known:
+            raise PlanError(f"--variants: unknown {framework} variant {name!r}; known: {', '.join(known)}")
+        v = known[name]
+        if loss_head == "stock" and v.tempo and framework == "megatron":
             v = Variant(v.name, v.description, dict(v.tempo, loss=False), v.recompute)
         out.append(v)
     return out
@@ -129,12 +136,27 @@ def _check_shape(inputs, max_positions):
     if inputs.seq > max_positions:
         raise PlanError(f"--seq-length {inputs.seq} is longer than the position table ({max_positions} "
                         f"positions; --max-positions sets it)")
+    if inputs.hidden % inputs.tp:
+        raise PlanError(f"--tp {inputs.tp} does not divide --hidden {inputs.hidden}")
     if inputs.tp > 1:
-        raise PlanError(f"--tp {inputs.tp}: the walk runs in one process and counts activations at "
-                        "TP=1 only; tensor-parallel activations are not counted yet")
-    if inputs.framework != "megatron":
-        raise PlanError(f"--framework {inputs.framework!r}: not yet supported (the planner walks "
-                        "the megatron-core models; Hugging Face models are not walked yet)")
+        import torch.distributed as dist
+        if dist.is_initialized():
+            raise PlanError(f"--tp {inputs.tp}: this process has a process group; the walk builds its "
+                            "tensor-parallel shards over a one-process group of its own: plan in a fresh "
+                            "process (python -m tempo_ds.plan)")
+
+
+def _hf_defaults(model, size, vocab_size, tp):
+    """(base Shape, size name, arch, vocabulary) of a --framework hf model (tempo_ds.plan.hf)."""
+    from . import hf
+    try:
+        size, base = hf.default_shape(model, size)
+    except ValueError as err:
+        raise PlanError(f"--model/--size: {err}") from None
+    if tp != 1:
+        raise PlanError(f"--tp {tp}: --framework hf plans one process (transformers' models have no "
+                        "tensor parallelism here)")
+    return base, size, "gpt" if hf.family_of(model) == "gpt2" else "bert", vocab_size or hf.default_vocab(model)
 
 
 def resolve(model="gpt2", size=None, layers=None, hidden=None, heads=None, seq_length=None, vocab_size=None,
@@ -143,20 +165,25 @@ def resolve(model="gpt2", size=None, layers=None, hidden=None, heads=None, seq_l
             max_positions=None):
     """estimate()'s arguments checked and resolved to Inputs (raises PlanError naming the bad one)."""
     from ..bench.train import parse_bytes
-    from ..bench.train_types import VARIANTS
+    from ..bench.train_types import FRAMEWORKS, variants_for
 
-    try:
-        arch = workload.arch_of(model)
-    except ValueError as err:
-        raise PlanError(f"--model: {err}") from None
-    if size is None and not (layers and hidden and heads):
-        size = "345m" if arch == "gpt" else "large"
-    base = None
-    if size is not None:
+    if framework not in FRAMEWORKS:
+        raise PlanError(f"--framework {framework!r}: expected one of {', '.join(FRAMEWORKS)}")
+    if framework == "hf":
+        base, size, arch, vocab_size = _hf_defaults(model, size, vocab_size, tp)
+    else:
         try:
-            base = workload.shape_of(arch, size)
+            arch = workload.arch_of(model)
         except ValueError as err:
-            raise PlanError(f"--size: {err}") from None
+            raise PlanError(f"--model: {err}") from None
+        if size is None and not (layers and hidden and heads):
+            size = "345m" if arch == "gpt" else "large"
+        base = None
+        if size is not None:
+            try:
+                base = workload.shape_of(arch, size)
+            except ValueError as err:
+                raise PlanError(f"--size: {err}") from None
     shape = workload.Shape(layers or base.num_layers, hidden or base.hidden_size, heads or base.num_attention_heads)
     for name, value in (("--layers", shape.num_layers), ("--hidden", shape.hidden_size),
                         ("--heads", shape.num_attention_heads), ("--seq-length", seq_length),
@@ -178,16 +205,17 @@ def resolve(model="gpt2", size=None, layers=None, hidden=None, heads=None, seq_l
         raise PlanError(f"--card {card!r}: no measured constants; known: {', '.join(_constants.CARDS)}")
     if loss_head not in ("tempo", "stock"):
         raise PlanError(f"loss_head {loss_head!r}: expected 'tempo' or 'stock'")
-    names = tuple(variants or VARIANTS)
-    _variants(names, loss_head)
+    names = tuple(variants or variants_for(framework))
+    _variants(names, loss_head, framework)
     inputs = Inputs(model=model, size=size if not (layers or hidden or heads) else "custom",
                     layers=shape.num_layers, hidden=shape.hidden_size, heads=shape.num_attention_heads,
                     seq=seq_length, vocab=vocab_size or (50257 if arch == "gpt" else 30522), bf16=bool(bf16),
                     dropout=float(dropout), zero_stage=zero_stage, dp=dp, tp=tp,
                     gpu_memory=parsed["--gpu-memory"], memory_budget=parsed["--memory-budget"], variants=names,
                     framework=framework, card=card, loss_head=loss_head, target_micro_batch=target_micro_batch)
+    # transformers' models are built with positions for the sequence (tempo_ds.hf.trainer)
     positions = max_positions or (POSITIONS[arch] if inputs.size not in ("custom",) and max_positions is None
-                                  else seq_length)
+                                  and framework == "megatron" else seq_length)
     _check_shape(inputs, positions)
     return inputs
 
@@ -219,17 +247,17 @@ def _largest(walk_at, room, cap=MAX_MICRO_BATCH):
     return best, seen
 
 
-def _plan_variant(inputs, variant, states_at_peak, const, capacity, count_kept=True):
-    from .walk import build_meta_model, walk
+def _plan_variant(inputs, variant, states_at_peak, const, capacity, count_kept=True, scaled=None):
+    from .scale import Scaled
 
-    shape = workload.Shape(inputs.layers, inputs.hidden, inputs.heads)
-    net = build_meta_model(inputs.model, shape, inputs.seq, inputs.vocab, variant, inputs.dropout, inputs.bf16)
+    if scaled is None:
+        scaled = Scaled(inputs.model, workload.Shape(inputs.layers, inputs.hidden, inputs.heads), inputs.seq,
+                        inputs.vocab, variant, inputs.dropout, inputs.bf16, tp=inputs.tp, framework=inputs.framework)
     walks = {}
 
     def walk_at(mb):
         # the kept bytes are linear in mb: counted at 1 and 2, the other walks need the peak only
-        walks[mb] = walk(inputs.model, shape, inputs.seq, inputs.vocab, variant, mb, inputs.dropout,
-                         inputs.bf16, net=net, ledger=count_kept and mb <= 2)
+        walks[mb] = scaled.walk(mb, ledger=count_kept and mb <= 2)
         return walks[mb].peak
 
     room = capacity - states_at_peak - const.engine
@@ -270,32 +298,53 @@ def _recommend(inputs, plans):
             f"among those reaching it ({p.recomputes})")
 
 
-def estimate(count_kept=True, **kwargs):
+@contextlib.contextmanager
+def _frozen_heap():
+    """gc.freeze() for the block: each walk's gc.collect() then scans only what the planning
+    made, not the whole heap of torch and megatron (a full collection took ~0.4 s a walk)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def estimate(count_kept=True, scaled=None, **kwargs):
     """The plan (a Plan) for the arguments of resolve(): model ("gpt2"/"bert"), size or
     layers/hidden/heads, seq_length, vocab_size, gpu_memory (the device's memory, e.g. "80GiB")
     or memory_budget (an allocator cap, as `bench train --memory-budget`), bf16, dropout,
     zero_stage, dp, tp, variants (names of tempo_ds.bench.train_types.VARIANTS), framework,
     card (whose constants), loss_head, target_micro_batch, max_positions. count_kept=False skips
     the ledger (the kept figures are then 0; the largest micro-batch and peak are the same).
+    scaled: a dict that keeps the walked models (tempo_ds.plan.scale.Scaled) for further plans of
+    the same models and settings in this process (tempo_ds.plan.validate plans each recorded
+    model for several budgets); None: kept for this plan only.
     Runs on CPU: the model is walked on the meta device (tempo_ds.plan.walk)."""
-    import contextlib
     import io
     import sys
 
+    from .scale import scaled_model
+    from .walk import tensor_parallel
+
     inputs = resolve(**kwargs)
+    scaled = {} if scaled is None else scaled
     const = _constants.CARDS[inputs.card]
-    variants = _variants(inputs.variants, inputs.loss_head)
+    variants = _variants(inputs.variants, inputs.loss_head, inputs.framework)
     # DeepSpeed's accelerator probe prints to stdout; the plan's output is the caller's.
-    with contextlib.redirect_stdout(sys.stderr if sys.stderr else io.StringIO()), workload.distributed():
-        from .walk import build_meta_model
-        net = build_meta_model(inputs.model, workload.Shape(inputs.layers, inputs.hidden, inputs.heads),
-                               inputs.seq, inputs.vocab, variants[0], inputs.dropout, inputs.bf16)
-        n_params = sum(p.numel() for p in net.parameters())
-        del net
-        states = model_states(n_params, bf16=inputs.bf16, zero_stage=inputs.zero_stage, dp=inputs.dp, tp=inputs.tp)
+    with contextlib.redirect_stdout(sys.stderr if sys.stderr else io.StringIO()), tensor_parallel(inputs.tp), \
+            _frozen_heap():
+        shape = workload.Shape(inputs.layers, inputs.hidden, inputs.heads)
+        models = [scaled_model(scaled, inputs.model, shape, inputs.seq, inputs.vocab, v, inputs.dropout, inputs.bf16,
+                               inputs.tp, inputs.framework) for v in variants]
+        # the parameters one rank holds: TP divides the sharded ones, the norms and biases of
+        # the row-parallel layers are whole on every rank
+        n_params = models[0].n_params
+        states = model_states(n_params, bf16=inputs.bf16, zero_stage=inputs.zero_stage, dp=inputs.dp)
         if inputs.memory_budget is not None:
             capacity = inputs.memory_budget - const.reserve
         else:
             capacity = inputs.gpu_memory - const.context - const.reserve
-        plans = [_plan_variant(inputs, v, states.at_peak, const, capacity, count_kept) for v in variants]
+        plans = [_plan_variant(inputs, v, states.at_peak, const, capacity, count_kept, scaled=m)
+                 for v, m in zip(variants, models)]
     return Plan(inputs, n_params, states, capacity, const, plans, _recommend(inputs, plans))

@@ -4,8 +4,10 @@ Counted for the launch configs' optimizer (Adam(W): two fp32 moments per paramet
   bf16/fp16 (mixed precision)  2 B parameter + 2 B gradient + 12 B optimizer (fp32 master copy,
                                exp_avg, exp_avg_sq);
   fp32                         4 B parameter + 4 B gradient + 8 B optimizer.
-ZeRO-1 divides the optimizer state by DP, ZeRO-2 also the gradients, ZeRO-3 also the parameters;
-TP divides all of it (the replicated norms and biases are few; the count divides everything).
+ZeRO-1 divides the optimizer state by DP, ZeRO-2 also the gradients, ZeRO-3 also the parameters.
+Under tensor parallelism the count is the parameters one rank holds (the planner counts them on
+the rank's model, tempo_ds.plan.scale.Scaled): the sharded weights divided by TP, the replicated
+norms and row-parallel biases whole.
 
 At the step's peak (the start of backward) the gradients of this step are not made yet; the walk
 counts them as backward makes them, so `at_peak` leaves them out.
@@ -37,14 +39,14 @@ class States:
         return self.params + self.optimizer
 
 
-def model_states(n_params, *, bf16=True, zero_stage=0, dp=1, tp=1):
-    """States per rank of a model of `n_params` parameters (module docstring)."""
+def model_states(n_params, *, bf16=True, zero_stage=0, dp=1):
+    """States per rank of a model whose tensor-parallel rank holds `n_params` parameters (module
+    docstring), under ZeRO `zero_stage` over `dp` data-parallel ranks."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={zero_stage!r}: expected 0, 1, 2 or 3")
-    for name, value in (("dp", dp), ("tp", tp)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-    n = n_params / tp
+    if not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"dp={dp!r}: expected an integer >= 1")
+    n = n_params
     p_bytes, g_bytes, o_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
     params = n * p_bytes / (dp if zero_stage >= 3 else 1)
     grads = n * g_bytes / (dp if zero_stage >= 2 else 1)

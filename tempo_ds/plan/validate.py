@@ -65,14 +65,16 @@ def plan_kwargs(point, card_total):
                 loss_head="stock")
 
 
-def walk_peak(point, mb):
-    """The walk's step peak for a recorded point's variant at micro-batch mb."""
+def walk_peak(point, mb, scaled=None):
+    """The walk's step peak for a recorded point's variant at micro-batch mb (the full depth
+    scaled from walks at 3 and 5 layers, tempo_ds.plan.scale.Scaled); scaled: estimate()'s dict
+    of walked models, to reuse and add to."""
     from .estimate import _variants
-    from .walk import walk
+    from .scale import scaled_model
     c = point.config
     variant = _variants([point.result["variant"]], "stock")[0]
-    return walk(c["model"], workload.Shape(c["layers"], c["hidden"], c["heads"]), c["seq"], c["vocab"], variant,
-                mb, c["dropout"], True, ledger=False).peak
+    return scaled_model({} if scaled is None else scaled, c["model"], workload.Shape(c["layers"], c["hidden"], c["heads"]),
+                        c["seq"], c["vocab"], variant, c["dropout"], True).walk(mb, ledger=False).peak
 
 
 def calibrate(root=RESULTS):
@@ -102,15 +104,15 @@ def judge(root=RESULTS, log=None):
     from .constants import DEFAULT
     from .estimate import estimate
     from .states import model_states
-    rows = []
+    rows, scaled = [], {}
     for point in points(root):
-        plan = estimate(count_kept=False, **plan_kwargs(point, DEFAULT.total_bytes))
+        plan = estimate(count_kept=False, scaled=scaled, **plan_kwargs(point, DEFAULT.total_bytes))
         v = plan.variants[0]
         measured = point.result["largest_micro_batch"]
         walked = dict(v.walks)
         if measured not in walked:
             with workload.distributed():
-                walked[measured] = walk_peak(point, measured)
+                walked[measured] = walk_peak(point, measured, scaled)
         peak = walked[measured] + model_states(plan.n_params, zero_stage=1).at_peak + DEFAULT.engine
         recorded_peak = point.result["peak_at_largest_bytes"]
         tolerance = 1 if measured < 10 else 0.10 * measured
