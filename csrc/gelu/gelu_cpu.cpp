@@ -12,43 +12,41 @@ namespace tempo {
 namespace cpu {
 namespace {
 
-template <typename Form, typename scalar_t>
-void gelu_fwd_kernel(const scalar_t* x, scalar_t* y, uint8_t* bits, int64_t n) {
+// Bias: NoBias (GELU) or ColumnBias<scalar_t> (the fused bias-GELU), tempo/gelu.h.
+template <typename Form, typename Bias, typename scalar_t>
+void gelu_fwd_kernel(const scalar_t* x, Bias bias, scalar_t* y, uint8_t* bits, int64_t n) {
     using acc_t = typename compute_type<scalar_t>::type;
     const int64_t n_bytes = (n + 7) / 8;
     at::parallel_for(0, n_bytes, 2048, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
             uint8_t packed = 0;
             const int64_t base = b * 8;
+            const int64_t c0 = bias.first_column(base);
             for (int k = 0; k < 8 && base + k < n; ++k) {
-                const acc_t v = static_cast<acc_t>(x[base + k]);
-                y[base + k] = static_cast<scalar_t>(Form::value(v));
-                packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
+                const acc_t v = bias.add(static_cast<acc_t>(x[base + k]), c0, k);
+                y[base + k] = static_cast<scalar_t>(gelu_value_and_bit<Form>(v, packed, k));
             }
             bits[b] = packed;
         }
     });
 }
 
-// Fused bias-GELU: x and y [rows, features] row-major, bias [features]; the bits as gelu_fwd's.
-template <typename Form, typename scalar_t>
-void bias_gelu_fwd_kernel(const scalar_t* x, const scalar_t* bias, scalar_t* y, uint8_t* bits, int64_t n,
-                          int64_t features) {
-    using acc_t = typename compute_type<scalar_t>::type;
-    const int64_t n_bytes = (n + 7) / 8;
-    at::parallel_for(0, n_bytes, 2048, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-            uint8_t packed = 0;
-            const int64_t base = b * 8;
-            const int64_t c0 = base % features;
-            for (int k = 0; k < 8 && base + k < n; ++k) {
-                const acc_t bias_k = static_cast<acc_t>(bias[bias_column(c0, k, features)]);
-                y[base + k] = static_cast<scalar_t>(
-                    bias_gelu_value<Form>(static_cast<acc_t>(x[base + k]), bias_k, packed, k));
-            }
-            bits[b] = packed;
-        }
+// The forward of gelu_fwd and bias_gelu_fwd; make_bias(scalar_t) gives the kernel's Bias.
+template <typename MakeBias>
+std::vector<at::Tensor> launch_fwd(const at::Tensor& x, bool tanh_form, const MakeBias& make_bias) {
+    auto y = empty_output(x);
+    auto bits = at::empty({(x.numel() + 7) / 8}, x.options().dtype(at::kByte));
+    if (x.numel() == 0) return {y, bits};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
+        const auto bias = make_bias(scalar_t{});
+        if (tanh_form)
+            gelu_fwd_kernel<GeluTanh>(x.data_ptr<scalar_t>(), bias, y.data_ptr<scalar_t>(),
+                                      bits.data_ptr<uint8_t>(), x.numel());
+        else
+            gelu_fwd_kernel<GeluErf>(x.data_ptr<scalar_t>(), bias, y.data_ptr<scalar_t>(),
+                                     bits.data_ptr<uint8_t>(), x.numel());
     });
+    return {y, bits};
 }
 
 // GELU'(x) of the `count` (<= 8) elements of one byte of branch bits, into d.
@@ -95,34 +93,16 @@ void gelu_bwd_kernel(Derivative derivative, const scalar_t* dy, const scalar_t* 
 
 std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
     TORCH_CHECK(x.is_cpu() && x.is_contiguous(), "gelu_fwd: x must be a contiguous CPU tensor");
-    auto y = empty_output(x);
-    auto bits = at::empty({(x.numel() + 7) / 8}, x.options().dtype(at::kByte));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
-        if (tanh_form)
-            gelu_fwd_kernel<GeluTanh>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                      bits.data_ptr<uint8_t>(), x.numel());
-        else
-            gelu_fwd_kernel<GeluErf>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                     bits.data_ptr<uint8_t>(), x.numel());
-    });
-    return {y, bits};
+    return launch_fwd(x, tanh_form, [](auto) { return NoBias{}; });
 }
 
 std::vector<at::Tensor> bias_gelu_fwd(const at::Tensor& x, const at::Tensor& bias, bool tanh_form) {
     TORCH_CHECK(x.is_cpu(), "bias_gelu_fwd: x must be a CPU tensor");
     check_bias_gelu_args(x, bias);
-    auto y = empty_output(x);
-    auto bits = at::empty({(x.numel() + 7) / 8}, x.options().dtype(at::kByte));
-    if (x.numel() == 0) return {y, bits};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_fwd", [&] {
-        if (tanh_form)
-            bias_gelu_fwd_kernel<GeluTanh>(x.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                           bits.data_ptr<uint8_t>(), x.numel(), bias.numel());
-        else
-            bias_gelu_fwd_kernel<GeluErf>(x.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                          bits.data_ptr<uint8_t>(), x.numel(), bias.numel());
+    return launch_fwd(x, tanh_form, [&](auto zero) {
+        using scalar_t = decltype(zero);
+        return ColumnBias<scalar_t>{bias.data_ptr<scalar_t>(), bias.numel()};
     });
-    return {y, bits};
 }
 
 at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {

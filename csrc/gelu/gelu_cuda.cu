@@ -71,8 +71,11 @@ __device__ __forceinline__ int64_t step_stride() { return int64_t(gridDim.x) * b
 
 // kWhole: n is a multiple of 8 and every pointer is pack-aligned, so every pack is one vector
 // access and the partial-pack path is not compiled in (fewer registers, more resident threads).
-template <typename Form, bool kWhole, typename scalar_t>
+// Bias: NoBias (GELU) or ColumnBias<scalar_t> (the fused bias-GELU, tempo/gelu.h); its bias row of
+// 4h values stays in L1/L2 across the rows a block covers.
+template <typename Form, bool kWhole, typename Bias, typename scalar_t>
 __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
+                                Bias bias,
                                 scalar_t* __restrict__ y,        // [n]
                                 uint8_t* __restrict__ bits,      // [ceil(n/8)]
                                 int64_t n) {
@@ -90,51 +93,13 @@ __global__ void gelu_fwd_kernel(const scalar_t* __restrict__ x,  // [n]
         for (int u = 0; u < kUnroll; ++u) {
             const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
             if (b >= n_bytes) continue;
+            const int64_t c0 = bias.first_column(b * 8);
             Pack8<scalar_t> out;
             uint8_t packed = 0;
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
-                const acc_t v = static_cast<acc_t>(in[u].v[k]);
-                out.v[k] = static_cast<scalar_t>(Form::value(v));
-                packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
-            }
-            store_pack(y, out, b * 8, n, whole_pack<kWhole>(aligned, b, n));
-            bits[b] = packed;
-        }
-    }
-}
-
-// Fused bias-GELU: as gelu_fwd_kernel, with bias[column] added in the compute type first.
-// x and y are [rows, features] row-major, bias [features] (read through the read-only cache; a
-// row of 4h values stays in L1/L2 across the rows a block covers).
-template <typename Form, bool kWhole, typename scalar_t>
-__global__ void bias_gelu_fwd_kernel(const scalar_t* __restrict__ x,     // [n]
-                                     const scalar_t* __restrict__ bias,  // [features]
-                                     scalar_t* __restrict__ y,           // [n]
-                                     uint8_t* __restrict__ bits,         // [ceil(n/8)]
-                                     int64_t n, int64_t features) {
-    using acc_t = typename compute_type<scalar_t>::type;
-    const int64_t n_bytes = (n + 7) / 8;
-    const bool aligned = pack_aligned(x) && pack_aligned(y);
-    for (int64_t step = first_step(); step < n_bytes; step += step_stride()) {
-        Pack8<scalar_t> in[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
-            if (b < n_bytes) in[u] = load_pack(x, b * 8, n, whole_pack<kWhole>(aligned, b, n));
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int64_t b = step + threadIdx.x + int64_t(u) * blockDim.x;
-            if (b >= n_bytes) continue;
-            const int64_t c0 = (b * 8) % features;
-            Pack8<scalar_t> out;
-            uint8_t packed = 0;
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-                const acc_t bias_k = static_cast<acc_t>(bias[bias_column(c0, k, features)]);
-                out.v[k] = static_cast<scalar_t>(
-                    bias_gelu_value<Form>(static_cast<acc_t>(in[u].v[k]), bias_k, packed, k));
+                const acc_t v = bias.add(static_cast<acc_t>(in[u].v[k]), c0, k);
+                out.v[k] = static_cast<scalar_t>(gelu_value_and_bit<Form>(v, packed, k));
             }
             // a partial last pack read zeros past n, whose bits x + bias may set: cleared, so the
             // bits equal the CPU kernel's and the fallback's
@@ -223,10 +188,9 @@ void launch_bwd(Derivative derivative, const at::Tensor& dy, const at::Tensor& y
     });
 }
 
-}  // namespace
-
-std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
-    TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "gelu_fwd: x must be a contiguous CUDA tensor");
+// The forward of gelu_fwd and bias_gelu_fwd; make_bias(scalar_t) gives the kernel's Bias.
+template <typename MakeBias>
+std::vector<at::Tensor> launch_fwd(const at::Tensor& x, bool tanh_form, const MakeBias& make_bias) {
     const c10::cuda::CUDAGuard guard(x.device());
     auto y = empty_output(x);
     const int64_t n = x.numel();
@@ -234,45 +198,36 @@ std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
     if (n == 0) return {y, bits};
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gelu_fwd", [&] {
+        const auto bias = make_bias(scalar_t{});
         const unsigned grid = grid_for(bits.numel());
         with_whole_packs<scalar_t>(n, {x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>()}, [&](auto whole) {
             constexpr bool kWhole = decltype(whole)::value;
             if (tanh_form)
                 gelu_fwd_kernel<GeluTanh, kWhole><<<grid, kThreads, 0, stream>>>(
-                    x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
+                    x.data_ptr<scalar_t>(), bias, y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
             else
                 gelu_fwd_kernel<GeluErf, kWhole><<<grid, kThreads, 0, stream>>>(
-                    x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
+                    x.data_ptr<scalar_t>(), bias, y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
     });
     return {y, bits};
 }
 
+}  // namespace
+
+std::vector<at::Tensor> gelu_fwd(const at::Tensor& x, bool tanh_form) {
+    TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "gelu_fwd: x must be a contiguous CUDA tensor");
+    return launch_fwd(x, tanh_form, [](auto) { return NoBias{}; });
+}
+
 std::vector<at::Tensor> bias_gelu_fwd(const at::Tensor& x, const at::Tensor& bias, bool tanh_form) {
     TORCH_CHECK(x.is_cuda(), "bias_gelu_fwd: x must be a CUDA tensor");
     check_bias_gelu_args(x, bias);
-    const c10::cuda::CUDAGuard guard(x.device());
-    auto y = empty_output(x);
-    const int64_t n = x.numel();
-    auto bits = at::empty({(n + 7) / 8}, x.options().dtype(at::kByte));
-    if (n == 0) return {y, bits};
-    auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_gelu_fwd", [&] {
-        const unsigned grid = grid_for(bits.numel());
-        const scalar_t* b = bias.data_ptr<scalar_t>();
-        with_whole_packs<scalar_t>(n, {x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>()}, [&](auto whole) {
-            constexpr bool kWhole = decltype(whole)::value;
-            if (tanh_form)
-                bias_gelu_fwd_kernel<GeluTanh, kWhole><<<grid, kThreads, 0, stream>>>(
-                    x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n, bias.numel());
-            else
-                bias_gelu_fwd_kernel<GeluErf, kWhole><<<grid, kThreads, 0, stream>>>(
-                    x.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), bits.data_ptr<uint8_t>(), n, bias.numel());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+    return launch_fwd(x, tanh_form, [&](auto zero) {
+        using scalar_t = decltype(zero);
+        return ColumnBias<scalar_t>{bias.data_ptr<scalar_t>(), bias.numel()};
     });
-    return {y, bits};
 }
 
 at::Tensor gelu_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& bits, bool tanh_form) {

@@ -9,6 +9,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <type_traits>
+
 #include "tempo/cross_entropy.h"
 #include "tempo/loss_ops.h"
 
@@ -129,6 +131,15 @@ bool vectorizable(const at::Tensor& logits) {
     return logits.size(1) % N == 0 && reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
 }
 
+// launch(std::bool_constant<kVector>): the vector kernels where every row allows them.
+template <typename scalar_t, typename Launch>
+void with_vector_rows(const at::Tensor& logits, const Launch& launch) {
+    if (vectorizable<scalar_t>(logits))
+        launch(std::true_type{});
+    else
+        launch(std::false_type{});
+}
+
 }  // namespace
 
 at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target) {
@@ -148,10 +159,7 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target)
                     rows, vocab);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
-        if (vectorizable<scalar_t>(logits))
-            launch(std::true_type{});
-        else
-            launch(std::false_type{});
+        with_vector_rows<scalar_t>(logits, launch);
     });
     return stats;
 }
@@ -175,10 +183,7 @@ at::Tensor cross_entropy_bwd(at::Tensor& logits, const at::Tensor& lse, const at
                 target.data_ptr<int64_t>(), vocab, acc_t(eps), acc_t(z_loss), acc_t(inv_vocab));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
-        if (vectorizable<scalar_t>(logits))
-            launch(std::true_type{});
-        else
-            launch(std::false_type{});
+        with_vector_rows<scalar_t>(logits, launch);
     });
     return logits;
 }

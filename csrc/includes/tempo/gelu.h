@@ -131,25 +131,40 @@ struct GeluTanh : GeluForm<GeluTanh> {
     }
 };
 
-// The fused bias-GELU's forward per element: y = GELU(x + b) with the sum in the compute type
-// (never rounded to the storage type), and its branch bit set at bit k of `packed`. Against
-// bias-add then GELU it saves the write and the read of x + b: 2 x sizeof(T) bytes per element
-// of the 4h intermediate. The backward is the GELU's own (the bit and y are all it needs), and
-// the bias gradient is the column sum of dx.
+// The GELU forward per element of v (the input, plus the bias where fused), in the compute type,
+// with its branch bit set at bit k of `packed`.
 template <typename Form, typename acc_t>
-TEMPO_HD acc_t bias_gelu_value(acc_t x, acc_t b, uint8_t& packed, int k) {
-    const acc_t v = x + b;
+TEMPO_HD acc_t gelu_value_and_bit(acc_t v, uint8_t& packed, int k) {
     packed |= static_cast<uint8_t>(v < acc_t(Form::x_star)) << k;
     return Form::value(v);
 }
 
-// Column of element base + k (k < 8) of a row-major [rows, features] tensor, from the column
-// c0 = base % features: one subtraction when features >= 8 (the usual case), a modulo below.
-TEMPO_HD int64_t bias_column(int64_t c0, int k, int64_t features) {
-    const int64_t c = c0 + k;
-    if (c < features) return c;
-    return features >= 8 ? c - features : c % features;
-}
+// What the forward adds to element base + k before the GELU; the kernels take one of these.
+// Per pack of 8 elements, first_column(base) is computed once and add(v, c0, k) per element.
+struct NoBias {
+    TEMPO_HD int64_t first_column(int64_t) const { return 0; }
+    template <typename acc_t>
+    TEMPO_HD acc_t add(acc_t v, int64_t, int) const { return v; }
+};
+
+// The fused bias-GELU: x is [rows, features] row-major and bias [features]. The sum is taken in
+// the compute type (never rounded to the storage type). Against bias-add then GELU this saves
+// the write and the read of x + b: 2 x sizeof(T) bytes per element of the 4h intermediate. The
+// backward is the GELU's own (the bit and y are all it needs); dbias is the column sum of dx.
+template <typename scalar_t>
+struct ColumnBias {
+    const scalar_t* bias;
+    int64_t features;
+
+    TEMPO_HD int64_t first_column(int64_t base) const { return base % features; }
+    // column c0 + k, wrapped: one subtraction when features >= 8 (the usual case), a modulo below
+    template <typename acc_t>
+    TEMPO_HD acc_t add(acc_t v, int64_t c0, int k) const {
+        int64_t c = c0 + k;
+        if (c >= features) c = features >= 8 ? c - features : c % features;
+        return v + static_cast<acc_t>(bias[c]);
+    }
+};
 
 // Number of Newton steps: enough to reach the accuracy floor set by the rounding of y. With fp32
 // math (16-bit storage) that floor is reached in 3 steps, with fp64 math (fp32 storage) in 5
