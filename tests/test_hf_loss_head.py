@@ -113,6 +113,42 @@ def test_loss_false_and_unsupported_losses_stay_stock():
     assert isinstance(bert.cls.predictions.decoder, TempoLMLinear)
 
 
+@pytest.mark.parametrize("change", ["replaced_projection", "replaced_mlm_head", "zero3_weight", "loss_set_later"])
+def test_head_changed_after_apply_runs_stock_with_a_warning(change, caplog):
+    """A head replaced since apply, a weight partitioned by ZeRO-3 (its ds_id), or a loss_function
+    set since: the forward runs stock (loss and logits as stock's, not a missing loss) and says why
+    once; a second install() adds no second pair of hooks."""
+    arch = "bert" if change == "replaced_mlm_head" else "gpt2"
+    stock, _, ours, _ = converted(arch)
+    data = labelled(arch)
+    if change == "replaced_projection":
+        plain = torch.nn.Linear(ours.config.n_embd, VOCAB, bias=False)
+        plain.weight = ours.lm_head.weight
+        ours.lm_head = plain
+    elif change == "replaced_mlm_head":
+        ours.cls.predictions = copy.deepcopy(stock.cls.predictions)
+    elif change == "zero3_weight":
+        ours.lm_head.weight.ds_id = 0
+    else:
+        ours.loss_function = lambda logits, labels, **kwargs: stock.loss_function(logits, labels, **kwargs)
+    with caplog.at_level("WARNING", logger="tempo_ds"):
+        out, want = ours(**data), stock(**data)
+        ours(**data)
+    assert out.logits is not None and torch.equal(out.logits, want.logits)
+    torch.testing.assert_close(out.loss, want.loss)
+    warnings = [r.getMessage() for r in caplog.records if "loss head runs stock" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+
+def test_install_twice_adds_no_second_hooks():
+    from tempo_ds.hf.loss_head import install
+    stock, _, ours, _ = converted("gpt2")
+    hooks = len(ours._forward_pre_hooks)
+    install(ours)
+    assert len(ours._forward_pre_hooks) == hooks
+    assert ours(**labelled("gpt2")).logits is None  # still fused
+
+
 def _head_bytes(model, data, head):
     """Bytes the ledger attributes to the head's modules (or the root, where stock's loss runs)
     and the shapes of those records."""

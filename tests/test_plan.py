@@ -12,7 +12,7 @@ from tempo_ds.plan import PlanError, estimate
 from tempo_ds.plan import validate
 from tempo_ds.plan.__main__ import main
 from tempo_ds.plan.estimate import _variants
-from tempo_ds.plan.scale import Scaled
+from tempo_ds.plan.scale import DEPTHS, Scaled, scaled_peak
 from tempo_ds.plan.walk import build_meta_model, tensor_parallel, walk
 
 from . import megatron_utils as mu
@@ -45,6 +45,23 @@ def test_scaled_walk_equals_a_walk_at_full_depth(model, names, hidden, seq):
             assert scaled.fallbacks == 0
             assert scaled.n_params == sum(p.numel() for p in build_meta_model(
                 model, shape, seq, 256, variant, 0.1, True).parameters())
+
+
+@pytest.mark.parametrize("slope", [7, -7])
+def test_scaled_peak_takes_the_inner_layers_ends(slope):
+    """Segments made up so that an inner layer sets the peak, affine in (L, k): scaled_peak gives
+    the largest over k = 1 .. L-2 at any depth (the last layer, k = L-1, is in "turn"), from the
+    walks at DEPTHS alone."""
+    def inner(L, k):
+        return 1000 + 10 * L + slope * k
+
+    class Walked:
+        def __init__(self, L):
+            self.segments = {"pre": 0, "turn": 0, "post": 0, ("fwd", 0): 0, ("bwd", 0): 0}
+            self.segments.update({(phase, k): inner(L, k) for phase in ("fwd", "bwd") for k in range(1, L - 1)})
+    shallow, deep = (Walked(L) for L in DEPTHS)
+    for layers in (6, 24, 48):
+        assert scaled_peak(shallow, deep, layers) == max(inner(layers, k) for k in range(1, layers - 1))
 
 
 def test_meta_count_equals_a_real_ledger_run():

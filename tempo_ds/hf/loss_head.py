@@ -13,9 +13,11 @@ How it hooks in, keeping the stock forward: a forward pre-hook on the model take
 the call (so stock code computes no loss) and hands the targets to the vocab projection, whose
 class becomes TempoLMLinear (an nn.Linear: same Parameter objects, names and tying); the
 projection returns None as the logits and keeps the loss, which a forward hook puts in the
-output. Every module still runs through its own __call__, so DeepSpeed ZeRO-3's gather hooks on
-the projection and the MLM head see their parameters used. State dicts are unchanged, so
-save_pretrained / from_pretrained work both ways.
+output. Every module still runs through its own __call__. Under DeepSpeed ZeRO-3 the head runs
+stock, with a warning: ZeRO-3 gathers a module's parameters again for backward from a hook on its
+output tensors, and the projection returns none. The pre-hook also runs stock (with a warning) a
+head replaced since install, or a loss set since. State dicts are unchanged, so save_pretrained /
+from_pretrained work both ways.
 
 The loss, as stock:
 - GPT-2 (transformers' ForCausalLMLoss): labels shifted left (or `shift_labels`), `ignore_index`
@@ -33,6 +35,7 @@ as do DistilBERT's and ELECTRA's MLM heads (NO_HEAD), which have no twin here.
 """
 import functools
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,6 +57,8 @@ from ..modules.swap import AttributeRow, register
 from ..ops import gelu, linear_cross_entropy
 
 IGNORE_INDEX = -100
+logger = logging.getLogger("tempo_ds")
+_warned = set()
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,12 @@ def _arm(model, args, kwargs):
     spec = HEADS[type(model)]
     linear = model.get_submodule(spec.linear)
     linear.tempo_pending = None
+    reason = _runs_stock(model, spec, linear)
+    if reason is not None:
+        if (id(model), reason) not in _warned:
+            _warned.add((id(model), reason))
+            logger.warning(f"tempo_ds: {type(model).__name__}'s loss head runs stock: {reason}")
+        return None
     position = _labels_position(spec.model)
     labels = kwargs.get("labels")
     positional = labels is None and len(args) > position and args[position] is not None
@@ -209,6 +220,21 @@ def _arm(model, args, kwargs):
     else:
         kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
     return args, kwargs
+
+
+def _runs_stock(model, spec, linear):
+    """Why this forward of an installed head must run stock, or None: a head replaced since
+    install (resize_token_embeddings on an untied GPT-2, set_output_embeddings, a wrapper), a
+    loss set since install (blocked), or parameters partitioned by DeepSpeed ZeRO-3 (ds_id): the
+    projection returns no tensor, so ZeRO-3's hook on its output, which gathers the weight again
+    for backward, would never run."""
+    if not isinstance(linear, TempoLMLinear):
+        return f"{spec.linear} is {type(linear).__name__} since tempo_ds.hf.apply, not TempoLMLinear"
+    if spec.mlm is not None and type(model.get_submodule(spec.mlm)) not in MLM_TWINS.values():
+        return f"{spec.mlm} was replaced since tempo_ds.hf.apply"
+    if hasattr(linear.weight, "ds_id"):
+        return "DeepSpeed ZeRO-3 partitions its weight (the fused head runs under ZeRO stages 0-2)"
+    return blocked(model)
 
 
 def _collect(model, args, kwargs, output):
@@ -236,6 +262,8 @@ def install(model, attr=None, twin=None):
         reason = blocked(model) or _structure(getattr(model, spec.attr, None), spec)
     if reason is not None:
         raise ValueError(f"tempo_ds.hf.loss_head.install: {reason}")
+    if _installed(getattr(model, spec.attr), spec):
+        return  # hooks already registered: a second pair would take the labels twice
     if spec.mlm is not None:
         head = model.get_submodule(spec.mlm)
         head.__class__ = MLM_TWINS[type(head)]

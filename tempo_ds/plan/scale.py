@@ -42,7 +42,7 @@ def scaled_peak(shallow, deep, layers):
         if s2[phase, 3] - s2[phase, 2] != slope:
             raise NotAffine(f"{phase}: inner layers' peaks {[s2[phase, k] for k in (1, 2, 3)]} at {L2} layers")
         at1 = _line(s1[phase, 1], s2[phase, 1], layers)
-        peaks += [at1, at1 + slope * (layers - 2)]
+        peaks += [at1, at1 + slope * (layers - 3)]  # k = 1 and k = L - 2
     return int(max(peaks))
 
 
