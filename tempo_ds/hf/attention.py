@@ -70,7 +70,8 @@ def _eager(module):
     return fn
 
 
-def _warn_once(key, message):
+def warn_once(key, message):
+    """Log `message` at WARNING on the tempo_ds logger the first time `key` is seen (process-wide)."""
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)
@@ -131,7 +132,7 @@ def tempo_attention_forward(module, query, key, value, attention_mask, dropout=0
             raise NotImplementedError(f'attn_implementation="tempo" does not support {what} (got {name}=); '
                                       'use attn_implementation="eager" for this model or call')
     if kwargs.get("output_attentions"):
-        _warn_once("output_attentions", 'tempo_ds: output_attentions=True needs the attention probabilities, which '
+        warn_once("output_attentions", 'tempo_ds: output_attentions=True needs the attention probabilities, which '
                                         '"tempo" attention does not keep: this call runs eager attention')
         return _eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     path = getattr(module, "tempo_attention_path", None)
@@ -172,4 +173,4 @@ def register():
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-__all__ = ["NAME", "PATHS", "register", "run_path", "tempo_attention_forward"]
+__all__ = ["NAME", "PATHS", "register", "run_path", "tempo_attention_forward", "warn_once"]

@@ -35,7 +35,6 @@ as do DistilBERT's and ELECTRA's MLM heads (NO_HEAD), which have no twin here.
 """
 import functools
 import inspect
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,10 +54,9 @@ from transformers.utils import ModelOutput
 from ..modules import TempoGELU
 from ..modules.swap import AttributeRow, register
 from ..ops import gelu, linear_cross_entropy
+from .attention import warn_once
 
 IGNORE_INDEX = -100
-logger = logging.getLogger("tempo_ds")
-_warned = set()
 
 
 @dataclass(frozen=True)
@@ -192,9 +190,7 @@ def _arm(model, args, kwargs):
     linear.tempo_pending = None
     reason = _runs_stock(model, spec, linear)
     if reason is not None:
-        if (id(model), reason) not in _warned:
-            _warned.add((id(model), reason))
-            logger.warning(f"tempo_ds: {type(model).__name__}'s loss head runs stock: {reason}")
+        warn_once((id(model), reason), f"tempo_ds: {type(model).__name__}'s loss head runs stock: {reason}")
         return None
     position = _labels_position(spec.model)
     labels = kwargs.get("labels")
