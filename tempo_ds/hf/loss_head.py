@@ -177,8 +177,9 @@ MLM_TWINS = {modeling_bert.BertLMPredictionHead: TempoBertLMPredictionHead,
              modeling_xlm_roberta.XLMRobertaLMHead: TempoXLMRobertaLMHead}
 
 
+@functools.cache
 def _labels_position(model_cls):
-    """Index of `labels` among forward's positional arguments (self left out)."""
+    """Index of `labels` among forward's positional arguments (self left out); once per class, not per forward."""
     return list(inspect.signature(model_cls.forward).parameters).index("labels") - 1
 
 
